@@ -1,0 +1,155 @@
+"""`align` stage: safety alignment of a base model with a LoRA adapter, through TRL's trainers.
+
+Preference methods may start from an align/sft run: its adapter is merged into the base and the merged weights
+are saved and loaded fresh from disk before the new adapter is trained (a LoRA trained on a model merged
+in-process by another trainer changed nothing at inference here). The run records that chain in the
+`realign.adapter_base` tag, so later stages rebuild the same starting weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from realign import data, models, tracking
+from realign.config import AlignConfig, resolve_stage_config
+from realign.errors import RealignError
+from realign.stages.common import evaluate_safety, log_safety_eval, trainer_arguments
+
+
+@dataclass(frozen=True)
+class AlignMethod:
+    """One alignment loss: which dataset format it trains on and how to build its TRL trainer."""
+
+    name: str
+    data_format: str  # "prompt_completion" | "preference" | "unpaired" (see realign.data.alignment_dataset)
+    build: Callable[[AlignConfig, dict[str, Any]], tuple[type, Any]]  # -> (trainer class, trainer config)
+    uses: tuple[str, ...] = ()  # method knobs read from cfg.train, recorded for the reader
+
+
+def _sft(cfg: AlignConfig, common: dict[str, Any]):
+    from trl import SFTConfig, SFTTrainer
+
+    # Loss on the response tokens only: the prompt is the user's request, not something to imitate.
+    return SFTTrainer, SFTConfig(**common, completion_only_loss=True)
+
+
+def _dpo(cfg: AlignConfig, common: dict[str, Any]):
+    from trl import DPOConfig, DPOTrainer
+
+    return DPOTrainer, DPOConfig(**common, beta=cfg.train.beta)
+
+
+def _orpo(cfg: AlignConfig, common: dict[str, Any]):
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    return ORPOTrainer, ORPOConfig(**common, beta=cfg.train.beta)
+
+
+def _kto(cfg: AlignConfig, common: dict[str, Any]):
+    from trl import KTOConfig, KTOTrainer
+
+    return KTOTrainer, KTOConfig(**common, beta=cfg.train.beta)
+
+
+def _simpo(cfg: AlignConfig, common: dict[str, Any]):
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    # SimPO is CPO's loss_type="simpo" without the behaviour-cloning term (cpo_alpha=0).
+    return CPOTrainer, CPOConfig(**common, loss_type="simpo", cpo_alpha=0.0, beta=cfg.train.beta,
+                                 simpo_gamma=cfg.train.simpo_gamma)
+
+
+ALIGN_METHODS: dict[str, AlignMethod] = {
+    m.name: m
+    for m in (
+        AlignMethod("sft", "prompt_completion", _sft),
+        AlignMethod("dpo", "preference", _dpo, uses=("beta",)),
+        AlignMethod("orpo", "preference", _orpo, uses=("beta",)),
+        AlignMethod("kto", "unpaired", _kto, uses=("beta",)),
+        AlignMethod("simpo", "preference", _simpo, uses=("beta", "simpo_gamma")),
+    )
+}
+
+
+def get_align_method(name: str) -> AlignMethod:
+    if name not in ALIGN_METHODS:
+        raise RealignError(f"unknown align method {name!r}", f"use one of: {', '.join(ALIGN_METHODS)}")
+    return ALIGN_METHODS[name]
+
+
+def resolve_align_config(overrides: dict[str, Any]) -> AlignConfig:
+    method = overrides.get("method") or "dpo"
+    if method not in ALIGN_METHODS and not overrides.get("recipe"):
+        get_align_method(method)  # raises the one-line error before a preset lookup can confuse it
+    recipe = overrides.get("recipe") or method
+    cfg = resolve_stage_config(AlignConfig, "align", recipe, overrides)
+    get_align_method(cfg.method)
+    return cfg
+
+
+def run_align(overrides: dict[str, Any]) -> str:
+    """Train one alignment adapter; returns the run id."""
+    experiment = overrides.get("experiment") or tracking.DEFAULT_EXPERIMENT
+    with tracking.stage_run("align", experiment=experiment) as run:
+        cfg = resolve_align_config(overrides)
+        method = get_align_method(cfg.method)
+        run.set_name(f"align/{cfg.method}")
+        run.set_tags({tracking.TAG_METHOD: cfg.method, tracking.TAG_BASE_MODEL: cfg.model.name})
+        run.log_config(cfg)
+
+        # Inputs first, so a bad run id fails in seconds, not after loading models.
+        base_adapters: list[str] = []
+        adapter_base_ids: list[str] = []
+        if cfg.sft_run:
+            sft = run.resolve_input(cfg.sft_run, "sft", ("align",), cfg.model.name, methods=("sft",))
+            base_adapters = [str(sft.local_dir)]
+            adapter_base_ids = [sft.run_id]
+        run.set_tags({tracking.TAG_ADAPTER_BASE: ",".join(adapter_base_ids)})
+        model_dir = models.resolve_model_dir(cfg.model)
+
+        train_set = data.alignment_dataset(method.data_format, cfg.data.num_examples, cfg.data.seed,
+                                           benign_fraction=cfg.data.benign_fraction, source=cfg.data.source)
+        run.log_dataset(train_set, name=f"align-{method.data_format}-{cfg.data.source}", context="training",
+                        hub_path=None if cfg.data.source == "builtin" else cfg.data.source)
+
+        start_dir = models.materialize_merged(cfg.model, base_adapters, run.workdir / "start") if base_adapters \
+            else model_dir
+        adapter_dir = train_adapter(cfg, method, start_dir, train_set, run)
+
+        if cfg.eval.enabled:
+            model = models.load_model(cfg.model, adapters=[*base_adapters, str(adapter_dir)])
+            tokenizer = models.load_tokenizer(cfg.model)
+            result = evaluate_safety(model, tokenizer, cfg.eval)
+            log_safety_eval(run, result)
+
+        run.log_adapter(adapter_dir)
+        run.mark_complete()
+        return run.run_id
+
+
+def train_adapter(cfg: AlignConfig, method: AlignMethod, start_dir: str, train_set, run: tracking.StageRun):
+    """Fit a fresh LoRA on the weights in `start_dir` with the method's TRL trainer; returns the adapter dir."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = models.load_tokenizer(start_dir)
+    model = AutoModelForCausalLM.from_pretrained(start_dir, dtype=models.torch_dtype(cfg.model.dtype),
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    common = trainer_arguments(cfg.train, cfg.seed, run.workdir / "trainer")
+    trainer_cls, trainer_config = method.build(cfg, common)
+    peft_config = models.lora_config(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    trainer = trainer_cls(model=model, args=trainer_config, train_dataset=train_set, processing_class=tokenizer,
+                          peft_config=peft_config, callbacks=[tracking.metrics_callback(run.run_id)])
+    trainable, total = models.trainable_parameter_count(trainer.model)
+    run.log_params({"lora.trainable_parameters": trainable, "model.parameters": total})
+    result = trainer.train()
+    loss = result.training_loss
+    if loss is None or not math.isfinite(loss):
+        raise RealignError(f"training loss became {loss} ({cfg.method})",
+                           "lower --train.learning_rate or check the data; nothing was logged as an adapter")
+    adapter_dir = run.workdir / "adapter"
+    trainer.model.save_pretrained(str(adapter_dir))
+    return adapter_dir

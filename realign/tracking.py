@@ -1,0 +1,289 @@
+"""The one module that talks to MLflow.
+
+A stage is one MLflow run. `stage_run()` opens it (or resumes the run `mlflow run` created, via MLFLOW_RUN_ID),
+marks it FAILED with the error as a tag when the stage raises, and FINISHED otherwise. Inputs are other runs,
+named by run id or `runs:/<id>` URI; `resolve_input()` checks their stage, base model and status before
+downloading their artifacts. Trainer metrics reach the stage run through `MetricsCallback` (never through
+the HF MLflowCallback, which opens a run of its own when none is active in its process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from realign.config import flatten, param_string, to_dict
+from realign.errors import RealignError
+
+TAG_STAGE = "realign.stage"
+TAG_METHOD = "realign.method"
+TAG_BASE_MODEL = "realign.base_model"
+TAG_SOURCE = "realign.source."  # + role: aligned, sft, finetuned, reference, mask
+TAG_ERROR = "realign.error"
+TAG_COMPLETE = "realign.complete"  # set last, after every artifact is logged
+TAG_ADAPTER_BASE = "realign.adapter_base"  # run ids whose adapters must be merged into the base first
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "realign"
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _mlflow():
+    import mlflow
+
+    return mlflow
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def open_store() -> None:
+    """Point MLflow at the configured store and prove it answers, before any work starts."""
+    mlflow = _mlflow()
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        db_path = Path(uri[len("sqlite:///"):])
+        folder = db_path.parent if str(db_path.parent) else Path(".")
+        if not folder.exists() or not os.access(folder, os.W_OK) or (db_path.exists() and not os.access(db_path, os.W_OK)):
+            raise RealignError(f"tracking store {uri} is not writable",
+                               "set MLFLOW_TRACKING_URI to a writable location, e.g. sqlite:////tmp/mlflow.db, "
+                               "or to a tracking server http://host:5000")
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    except Exception as err:  # any store failure: unreachable server, broken db, permissions
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RealignError(f"cannot open tracking store {uri}: {first_line[:200]}",
+                           "set MLFLOW_TRACKING_URI to a writable sqlite:/// path or a running mlflow server") from None
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:500]
+
+
+@dataclass
+class InputRun:
+    """Another stage's run, checked and with its artifacts downloaded."""
+
+    role: str
+    run_id: str
+    stage: str
+    method: str
+    base_model: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    local_dir: Path | None  # where the requested artifact folder was downloaded
+
+    @property
+    def adapter_base(self) -> list[str]:
+        """Run ids whose adapters were merged into the base model before this run's adapter was trained."""
+        value = self.tags.get(TAG_ADAPTER_BASE, "")
+        return [v for v in value.split(",") if v]
+
+
+def parse_run_ref(ref: str, role: str) -> str:
+    """A bare run id or a `runs:/<id>[/path]` URI -> the run id."""
+    text = ref.strip()
+    if text.startswith("runs:/"):
+        text = text[len("runs:/"):].split("/", 1)[0]
+    if not _RUN_ID.match(text):
+        raise RealignError(f"{role} run {ref!r} is not a run id", "pass a 32-hex run id or runs:/<run_id>")
+    return text
+
+
+class StageRun:
+    """The open run of one stage; every write to MLflow goes through here."""
+
+    def __init__(self, run_id: str, stage: str):
+        self.run_id = run_id
+        self.stage = stage
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"realign-{stage}-"))
+
+    # -- tags, params, metrics ---------------------------------------------------------------------------------
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        _mlflow().set_tags({k: str(v) for k, v in tags.items()})
+
+    def set_name(self, name: str) -> None:
+        _mlflow().set_tag("mlflow.runName", name)
+
+    def log_config(self, cfg: Any) -> None:
+        """The resolved config: flattened params (UI compare view) and config.yaml (the exact record)."""
+        mlflow = _mlflow()
+        data = to_dict(cfg)
+        existing = mlflow.MlflowClient().get_run(self.run_id).data.params
+        # `mlflow run -P key=value` already logged the user's own spelling of some keys; params are
+        # immutable, so those keep it and config.yaml holds the resolved value.
+        params = {k: param_string(v) for k, v in flatten(data).items() if k not in existing}
+        for start in range(0, len(params), 100):
+            chunk = dict(list(params.items())[start:start + 100])
+            mlflow.log_params(chunk)
+        mlflow.log_text(yaml.safe_dump(data, sort_keys=False), "config.yaml")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        _mlflow().log_params({k: param_string(v) for k, v in params.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        _mlflow().log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_dataset(self, dataset: Any, name: str, context: str, hub_path: str | None = None) -> None:
+        """A `datasets.Dataset` as a run input (name, digest, schema, profile)."""
+        mlflow = _mlflow()
+        ds = mlflow.data.from_huggingface(dataset, path=hub_path, name=name)
+        mlflow.log_input(ds, context=context)
+
+    # -- artifacts ---------------------------------------------------------------------------------------------
+    def log_dir(self, local_dir: str | Path, artifact_path: str) -> None:
+        _mlflow().log_artifacts(str(local_dir), artifact_path)
+
+    def log_adapter(self, adapter_dir: str | Path) -> None:
+        """A standard PEFT directory (adapter_config.json + adapter_model.safetensors) under adapter/."""
+        adapter_dir = Path(adapter_dir)
+        missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (adapter_dir / f).is_file()]
+        if missing:
+            raise RuntimeError(f"adapter dir {adapter_dir} lacks {', '.join(missing)}")
+        self.log_dir(adapter_dir, "adapter")
+
+    def log_table(self, data: dict[str, list] | Any, artifact_file: str) -> None:
+        _mlflow().log_table(data, artifact_file=artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        _mlflow().log_text(text, artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        _mlflow().log_figure(figure, artifact_file)
+
+    def mark_complete(self) -> None:
+        _mlflow().set_tag(TAG_COMPLETE, "true")
+
+    # -- inputs ------------------------------------------------------------------------------------------------
+    def resolve_input(self, ref: str, role: str, stages: tuple[str, ...], base_model: str,
+                      methods: tuple[str, ...] | None = None, artifact: str | None = "adapter") -> InputRun:
+        """Check run `ref` (stage, base model, FINISHED) and download its `artifact` folder into the workdir."""
+        run = resolve_run(ref, role, stages, base_model, methods)
+        local_dir = None
+        if artifact:
+            local_dir = download_artifact(run.run_id, artifact, self.workdir / f"input-{role}", role)
+        run.local_dir = local_dir
+        self.set_tags({f"{TAG_SOURCE}{role}": run.run_id})
+        return run
+
+
+def resolve_run(ref: str, role: str, stages: tuple[str, ...], base_model: str,
+                methods: tuple[str, ...] | None = None) -> InputRun:
+    mlflow = _mlflow()
+    run_id = parse_run_ref(ref, role)
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise RealignError(f"{role} run {run_id} does not exist in {tracking_uri()}",
+                           "pass the id of a FINISHED run from this tracking store (see `mlflow ui`)") from None
+    tags = run.data.tags
+    stage = tags.get(TAG_STAGE, "")
+    method = tags.get(TAG_METHOD, "")
+    if stage not in stages:
+        raise RealignError(f"{role} run {run_id} is a {stage or 'non-realign'} run, not {' or '.join(stages)}",
+                           f"pass the id of a {'/'.join(stages)} run")
+    if methods is not None and method not in methods:
+        raise RealignError(f"{role} run {run_id} is {stage}/{method}, not {stage}/{'|'.join(methods)}",
+                           f"pass the id of a {stage}/{'|'.join(methods)} run")
+    if run.info.status != "FINISHED" or tags.get(TAG_COMPLETE) != "true":
+        raise RealignError(f"{role} run {run_id} is {run.info.status}, not FINISHED",
+                           "pass a run that finished; rerun the stage that produced it")
+    run_base = tags.get(TAG_BASE_MODEL, "")
+    if run_base != base_model:
+        raise RealignError(f"{role} run {run_id} belongs to base model {run_base!r}, not {base_model!r}",
+                           f"pass a run of {base_model!r} or set --model {run_base}")
+    return InputRun(role=role, run_id=run_id, stage=stage, method=method, base_model=run_base,
+                    tags=dict(tags), params=dict(run.data.params), local_dir=None)
+
+
+def download_artifact(run_id: str, artifact: str, dst: Path, role: str) -> Path:
+    mlflow = _mlflow()
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dst))
+    except Exception:
+        raise RealignError(f"{role} run {run_id} has no {artifact}/ artifact",
+                           "pass a run that logged one (its stage must have finished)") from None
+    return Path(path)
+
+
+def latest_run(stage: str, base_model: str, method: str | None = None, experiment: str = DEFAULT_EXPERIMENT) -> str | None:
+    """The newest FINISHED and complete run of `stage` (and `method`) for `base_model`, or None."""
+    mlflow = _mlflow()
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    query = (f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_BASE_MODEL}` = '{base_model}' "
+             f"and tags.`{TAG_COMPLETE}` = 'true' and attributes.status = 'FINISHED'")
+    if method:
+        query += f" and tags.`{TAG_METHOD}` = '{method}'"
+    runs = mlflow.MlflowClient().search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"],
+                                             max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None) -> Iterator[StageRun]:
+    """Open (or, under `mlflow run`, resume) the stage's run; FAILED with the error tagged if the body raises."""
+    mlflow = _mlflow()
+    open_store()
+    resumed = os.environ.get("MLFLOW_RUN_ID")
+    if mlflow.active_run() is not None:
+        raise RuntimeError("a stage run is already active in this process")
+    if resumed:
+        run = mlflow.start_run(run_id=resumed)
+    else:
+        mlflow.set_experiment(experiment)
+        run = mlflow.start_run(run_name=run_name or stage)
+    stage_ctx = StageRun(run.info.run_id, stage)
+    try:
+        stage_ctx.set_tags({TAG_STAGE: stage})
+        if run_name:
+            stage_ctx.set_name(run_name)
+        yield stage_ctx
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            mlflow.set_tag(TAG_ERROR, _one_line(err) if not isinstance(err, KeyboardInterrupt) else "interrupted")
+        mlflow.end_run(status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+    finally:
+        shutil.rmtree(stage_ctx.workdir, ignore_errors=True)
+
+
+def metrics_callback(run_id: str):
+    """A TrainerCallback that logs the Trainer's numbers into run `run_id` from the main process only."""
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            # Same keys the HF MLflowCallback would use (loss, grad_norm, rewards/chosen, ...).
+            numbers = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if numbers:
+                _mlflow().MlflowClient().log_batch(
+                    run_id, metrics=[_metric(k, v, state.global_step) for k, v in numbers.items()])
+
+    return MetricsCallback()
+
+
+def _metric(key: str, value: float, step: int):
+    import time
+
+    from mlflow.entities import Metric
+
+    return Metric(key=key, value=value, timestamp=int(time.time() * 1000), step=step)
