@@ -35,11 +35,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from realign.config import DEFAULT_TARGET_MODULES  # noqa: F401  (re-exported: the LoRA default)
 from realign.errors import RealignError
 
 VALID_SOURCES = ("smollm2", "hub", "local", "tiny")
 
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -379,7 +379,12 @@ def checked_adapter_dir(adapter_dir: str | Path) -> Path:
     return directory
 
 
-def load_model(model_cfg: Any, adapters: Sequence[str | Path] = (), trainable: bool = False) -> Any:
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(model_cfg: Any, adapters: Sequence[str | Path] = (), trainable: bool = False,
+               device: str | None = None) -> Any:
     """Base weights loaded fresh from disk, with each PEFT adapter merged in order; a plain transformers model.
 
     The model is in eval mode (trainers switch to train mode themselves). With ``trainable=False`` its parameters
@@ -396,7 +401,7 @@ def load_model(model_cfg: Any, adapters: Sequence[str | Path] = (), trainable: b
         model = PeftModel.from_pretrained(model, str(checked_adapter_dir(adapter_dir))).merge_and_unload()
     model.eval()
     model.requires_grad_(trainable)
-    return model
+    return model.to(device or default_device())
 
 
 def materialize_merged(model_cfg: Any, adapters: Sequence[str | Path], out_dir: str | Path) -> str:
@@ -406,7 +411,7 @@ def materialize_merged(model_cfg: Any, adapters: Sequence[str | Path], out_dir: 
     """
     if not adapters:
         return resolve_model_dir(model_cfg)
-    model = load_model(model_cfg, adapters)
+    model = load_model(model_cfg, adapters, device="cpu")
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_path, safe_serialization=True)
