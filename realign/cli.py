@@ -6,6 +6,7 @@ or `train.learning_rate=1e-4` (that is also how `mlflow run -P key=value` reache
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -16,11 +17,14 @@ from realign.errors import RealignError
 EXTRA_ARGS = dict(ignore_unknown_options=True, allow_extra_args=True)
 
 
-def _offline_default() -> None:
+def _process_defaults() -> None:
     # The default path needs no hub; a stray lookup would otherwise retry for ~50 s before failing.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # MLflow's store chatter (table creation, new experiment) would bury the one line a bad input gets.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _overrides(named: dict[str, object], extra: list[str]) -> dict[str, object]:
@@ -46,7 +50,7 @@ def _run(fn, overrides: dict[str, object]) -> None:
 @click.version_option(package_name="realign")
 def main() -> None:
     """realign: align, attack, evaluate, amplify, localize and fuse LLMs, one MLflow run per stage."""
-    _offline_default()
+    _process_defaults()
 
 
 @main.command(context_settings=EXTRA_ARGS)

@@ -99,7 +99,7 @@ class TrainSettings:
         _check_positive("train.per_device_train_batch_size", self.per_device_train_batch_size)
         _check_positive("train.gradient_accumulation_steps", self.gradient_accumulation_steps)
         _check_positive("train.max_length", self.max_length)
-        _check_range("train.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        _check_range("train.warmup_ratio", self.warmup_ratio, 0.0, 1.0, right_open=True)
         _check_positive("train.beta", self.beta)
         if self.simpo_gamma < 0:
             raise RealignError(f"train.simpo_gamma must be >= 0, got {self.simpo_gamma}", "pass a margin >= 0")

@@ -52,11 +52,15 @@ def open_store() -> None:
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         db_path = Path(uri[len("sqlite:///"):])
-        folder = db_path.parent if str(db_path.parent) else Path(".")
-        if not folder.exists() or not os.access(folder, os.W_OK) or (db_path.exists() and not os.access(db_path, os.W_OK)):
+        folder = db_path.parent
+        if not folder.is_dir():
+            raise RealignError(f"tracking store {uri} is not writable: folder {folder} does not exist",
+                               "create the folder, or set MLFLOW_TRACKING_URI to a writable sqlite:/// path "
+                               "or a tracking server http://host:5000")
+        if not os.access(folder, os.W_OK) or (db_path.exists() and not os.access(db_path, os.W_OK)):
             raise RealignError(f"tracking store {uri} is not writable",
-                               "set MLFLOW_TRACKING_URI to a writable location, e.g. sqlite:////tmp/mlflow.db, "
-                               "or to a tracking server http://host:5000")
+                               "set MLFLOW_TRACKING_URI to a writable sqlite:/// path or a tracking server "
+                               "http://host:5000")
     mlflow.set_tracking_uri(uri)
     try:
         mlflow.MlflowClient().search_experiments(max_results=1)

@@ -20,7 +20,7 @@ def trainer_arguments(train: TrainSettings, seed: int, output_dir: Path) -> dict
         per_device_train_batch_size=train.per_device_train_batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         max_length=train.max_length,
-        warmup_ratio=train.warmup_ratio,
+        warmup_steps=train.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type=train.lr_scheduler_type,
         weight_decay=train.weight_decay,
         logging_steps=train.logging_steps,
