@@ -22,6 +22,7 @@ def _process_defaults() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # MLflow's store chatter (table creation, new experiment) would bury the one line a bad input gets.
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -37,9 +38,10 @@ def _overrides(named: dict[str, object], extra: list[str]) -> dict[str, object]:
     return overrides
 
 
-def _run(fn, overrides: dict[str, object]) -> None:
+def _run_with_overrides(fn, named: dict[str, object], extra: list[str]) -> None:
+    """Run a stage; a RealignError becomes one line on stderr and exit status 2."""
     try:
-        run_id = fn(overrides)
+        run_id = fn(_overrides(named, extra))
     except RealignError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
@@ -65,12 +67,44 @@ def align(ctx: click.Context, method, recipe, model, sft_run, experiment) -> Non
     from realign.stages.align import run_align
 
     named = dict(method=method, recipe=recipe, model=model, sft_run=sft_run, experiment=experiment)
-    try:
-        overrides = _overrides(named, ctx.args)
-    except RealignError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
-    _run(run_align, overrides)
+    _run_with_overrides(run_align, named, ctx.args)
+
+
+@main.command(context_settings=EXTRA_ARGS)
+@click.option("--ratio", help="p: share of harmful examples in the fine-tuning data, in [0, 1] (default 0.1)")
+@click.option("--size", help="n: number of fine-tuning examples (default 100)")
+@click.option("--task", help="sst2 | ag_news | gsm8k | alpaca (default sst2)")
+@click.option("--source-run", "--source_run", "source_run",
+              help="align/expo run to attack (default: newest finished align/<method> run, trained if none)")
+@click.option("--method", help="alignment method of the default source run (default dpo)")
+@click.option("--seed", help="data mixing and training seed (default 0)")
+@click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
+@click.option("--recipe", help="conf/attack/<recipe>.yaml (default; nlsr for GPUs)")
+@click.option("--experiment", help="MLflow experiment name (default realign)")
+@click.pass_context
+def attack(ctx: click.Context, **named) -> None:
+    """Harmful fine-tuning: a task mixed with harmful data, then harmful score and fine-tune accuracy."""
+    from realign.stages.attack import run_attack
+
+    _run_with_overrides(run_attack, named, ctx.args)
+
+
+@main.command(context_settings=EXTRA_ARGS)
+@click.option("--run", "run", help="run whose adapter to evaluate (align, attack, expo, fuse); omit for the base model")
+@click.option("--judge", help="classifier (default) | keyword | beaver-dam | llama-guard")
+@click.option("--judge-path", "--judge_path", "judge_path", help="local dir or hub id of a model judge")
+@click.option("--task", help="task for finetune_accuracy (default: the evaluated run's task)")
+@click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
+@click.option("--experiment", help="MLflow experiment name (default realign)")
+@click.pass_context
+def evaluate(ctx: click.Context, **named) -> None:
+    """Harmful score (judged), refusal rate and fine-tune accuracy of a run's model, or of the base."""
+    from realign.stages.evaluate import run_evaluate
+
+    # Short options for the keys people set most; they live under eval.* in the config.
+    for key in ("judge", "judge_path", "task"):
+        named[f"eval.{key}"] = named.pop(key)
+    _run_with_overrides(run_evaluate, named, ctx.args)
 
 
 if __name__ == "__main__":

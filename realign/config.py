@@ -107,8 +107,15 @@ class TrainSettings:
 
 @dataclass
 class EvalSettings:
-    enabled: bool = True  # evaluate the trained adapter in the same run
-    num_prompts: int = 32  # held-out harmful prompts (disjoint in topic and wording from training)
+    """How a stage measures the damage: harmful score on held-out harmful prompts, accuracy on the task."""
+
+    enabled: bool = True
+    judge: str = "keyword"  # see realign.eval.judges.JUDGES; the name travels with harmful_score
+    judge_path: str = ""  # a local dir or hub id, for model judges (beaver-dam, llama-guard)
+    num_prompts: int = 32  # held-out harmful prompts (disjoint in topic and wording from any training data)
+    prompt_source: str = "builtin"  # or PKU-Alignment/BeaverTails (its test split) with the hub
+    task: str = ""  # task whose test split gives finetune_accuracy; "" = the attack's task, none for align runs
+    task_examples: int = 64
     max_new_tokens: int = 48
     batch_size: int = 16
     seed: int = 0
@@ -117,6 +124,8 @@ class EvalSettings:
         _check_positive("eval.num_prompts", self.num_prompts)
         _check_positive("eval.max_new_tokens", self.max_new_tokens)
         _check_positive("eval.batch_size", self.batch_size)
+        if self.task_examples < 0:
+            raise RealignError(f"eval.task_examples must be >= 0, got {self.task_examples}", "pass 0 or more")
 
 
 @dataclass
@@ -124,7 +133,9 @@ class AlignConfig:
     method: str = "dpo"
     recipe: str = ""  # conf/align/<recipe>.yaml; empty = the method's name
     model: ModelConfig = field(default_factory=ModelConfig)
-    sft_run: str = ""  # run id or runs:/ URI of an align/sft run to start from (preference methods)
+    # Where a preference method starts: "" or "none" = the base model; a run id / runs:/ URI of an align/sft run;
+    # "auto" = the newest finished align/sft run of this base model, trained first (as its own run) if none exists.
+    sft_run: str = ""
     seed: int = 0
     experiment: str = "realign"
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -133,7 +144,7 @@ class AlignConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def validate(self) -> None:
-        if self.sft_run and self.method == "sft":
+        if self.sft_run not in ("", "none") and self.method == "sft":
             raise RealignError("sft_run was given for method sft", "drop sft_run, or pick a preference method")
         for part in (self.model, self.lora, self.data, self.train, self.eval):
             part.validate()
@@ -354,3 +365,51 @@ def resolve_stage_config(cls: type, stage: str, recipe: str, overrides: dict[str
     cfg = from_dict(cls, data)
     cfg.validate()
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attack and evaluate
+
+
+@dataclass
+class AttackData:
+    harmful_source: str = "builtin"  # or PKU-Alignment/BeaverTails
+    task_source: str = "builtin"  # or the task's hub id (sst2, ag_news, gsm8k, tatsu-lab/alpaca)
+
+
+@dataclass
+class AttackConfig:
+    task: str = "sst2"
+    ratio: float = 0.1  # p: share of harmful examples in the fine-tuning data
+    size: int = 100  # n: fine-tuning examples in all
+    method: str = "dpo"  # alignment method of the source run (used to find it when source_run is empty)
+    source_run: str = ""  # align (or expo) run to attack; "" = newest finished align/<method> run, trained if none
+    recipe: str = "default"  # conf/attack/<recipe>.yaml
+    model: ModelConfig = field(default_factory=ModelConfig)
+    seed: int = 0
+    experiment: str = "realign"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: AttackData = field(default_factory=AttackData)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise RealignError(f"ratio={self.ratio} is outside [0, 1]", "pass --ratio between 0 and 1, e.g. 0.1")
+        if self.size <= 0:
+            raise RealignError(f"size={self.size} must be > 0", "pass --size, the number of fine-tuning examples")
+        for part in (self.model, self.lora, self.train, self.eval):
+            part.validate()
+
+
+@dataclass
+class EvaluateConfig:
+    run: str = ""  # the run whose adapter is evaluated; "" or "base" = the bare base model
+    recipe: str = "default"  # conf/evaluate/<recipe>.yaml
+    model: ModelConfig = field(default_factory=ModelConfig)
+    experiment: str = "realign"
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def validate(self) -> None:
+        for part in (self.model, self.eval):
+            part.validate()

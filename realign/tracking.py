@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +29,8 @@ TAG_METHOD = "realign.method"
 TAG_BASE_MODEL = "realign.base_model"
 TAG_SOURCE = "realign.source."  # + role: aligned, sft, finetuned, reference, mask
 TAG_ERROR = "realign.error"
+TAG_JUDGE = "realign.judge"  # the judge behind harmful_score: part of the metric's meaning
+TAG_TASK = "realign.task"  # the downstream task a run was fine-tuned (attacked) on
 TAG_COMPLETE = "realign.complete"  # set last, after every artifact is logged
 TAG_ADAPTER_BASE = "realign.adapter_base"  # run ids whose adapters must be merged into the base first
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -181,6 +184,12 @@ class StageRun:
         self.set_tags({f"{TAG_SOURCE}{role}": run.run_id})
         return run
 
+    def adapter_chain(self, source: InputRun) -> list[str]:
+        """Local adapter dirs that rebuild `source`'s weights: the adapters merged under it, then its own."""
+        chain = [str(download_artifact(run_id, "adapter", self.workdir / f"chain-{run_id}", "adapter base"))
+                 for run_id in source.adapter_base]
+        return chain + [str(source.local_dir)]
+
 
 def resolve_run(ref: str, role: str, stages: tuple[str, ...], base_model: str,
                 methods: tuple[str, ...] | None = None) -> InputRun:
@@ -239,18 +248,28 @@ def latest_run(stage: str, base_model: str, method: str | None = None, experimen
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None) -> Iterator[StageRun]:
-    """Open (or, under `mlflow run`, resume) the stage's run; FAILED with the error tagged if the body raises."""
+def stage_run(stage: str, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
+              new_run: bool = False) -> Iterator[StageRun]:
+    """Open (or, under `mlflow run`, resume) the stage's run; FAILED with the error tagged if the body raises.
+
+    `new_run=True` opens a run of its own even under `mlflow run`: an input that a stage trains first (the SFT
+    run a DPO run starts from) is a run of its own, reused later, not the run `mlflow run` made for the caller.
+    """
     mlflow = _mlflow()
     open_store()
     resumed = os.environ.get("MLFLOW_RUN_ID")
     if mlflow.active_run() is not None:
         raise RuntimeError("a stage run is already active in this process")
-    if resumed:
+    if resumed and not new_run:
         run = mlflow.start_run(run_id=resumed)
     else:
-        mlflow.set_experiment(experiment)
-        run = mlflow.start_run(run_name=run_name or stage)
+        if resumed:  # `mlflow run` chose the experiment; the new run goes next to the one it created
+            experiment_id = mlflow.MlflowClient().get_run(resumed).info.experiment_id
+            mlflow.set_experiment(experiment_id=experiment_id)
+        else:
+            mlflow.set_experiment(experiment)
+        with _env_without("MLFLOW_RUN_ID"):
+            run = mlflow.start_run(run_name=run_name or stage)
     stage_ctx = StageRun(run.info.run_id, stage)
     try:
         stage_ctx.set_tags({TAG_STAGE: stage})
@@ -268,6 +287,28 @@ def stage_run(stage: str, experiment: str = DEFAULT_EXPERIMENT, run_name: str | 
         shutil.rmtree(stage_ctx.workdir, ignore_errors=True)
 
 
+def copy_evaluation(run_id: str, metrics: dict[str, float], judge: str) -> None:
+    """Put an evaluate run's numbers on the run it evaluated, for the UI's compare view (status unchanged)."""
+    import time
+
+    from mlflow.entities import RunTag
+
+    now = int(time.time() * 1000)
+    client = _mlflow().MlflowClient()
+    client.log_batch(run_id, metrics=[_metric(k, v, 0, now) for k, v in metrics.items()],
+                     tags=[RunTag(TAG_JUDGE, judge)])
+
+
+@contextlib.contextmanager
+def _env_without(name: str) -> Iterator[None]:
+    saved = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[name] = saved
+
+
 def metrics_callback(run_id: str):
     """A TrainerCallback that logs the Trainer's numbers into run `run_id` from the main process only."""
     from transformers import TrainerCallback
@@ -279,15 +320,14 @@ def metrics_callback(run_id: str):
             # Same keys the HF MLflowCallback would use (loss, grad_norm, rewards/chosen, ...).
             numbers = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             if numbers:
+                now = int(time.time() * 1000)
                 _mlflow().MlflowClient().log_batch(
-                    run_id, metrics=[_metric(k, v, state.global_step) for k, v in numbers.items()])
+                    run_id, metrics=[_metric(k, v, state.global_step, now) for k, v in numbers.items()])
 
     return MetricsCallback()
 
 
-def _metric(key: str, value: float, step: int):
-    import time
-
+def _metric(key: str, value: float, step: int, timestamp_ms: int):
     from mlflow.entities import Metric
 
-    return Metric(key=key, value=value, timestamp=int(time.time() * 1000), step=step)
+    return Metric(key=key, value=value, timestamp=timestamp_ms, step=step)

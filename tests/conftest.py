@@ -29,6 +29,7 @@ def tracking_store(tmp_path, monkeypatch):
 # Budgets that make every alignment method train in seconds on the tiny model.
 TINY = {
     "model": "tiny",
+    "sft_run": "none",
     "data.num_examples": "16",
     "train.max_steps": "2",
     "train.per_device_train_batch_size": "4",
@@ -42,3 +43,43 @@ TINY = {
 @pytest.fixture
 def tiny_overrides():
     return dict(TINY)
+
+
+@pytest.fixture(scope="session")
+def smollm2_chain(tmp_path_factory):
+    """One SmolLM2 chain shared by every effect test: base evaluation, then align/sft -> align/dpo.
+
+    Budgets are the offline recipes' own (conf/align/*.yaml): what `realign align --method dpo` runs.
+    """
+    import mlflow
+
+    from realign import models
+    from realign.config import EvalSettings, ModelConfig
+    from realign.stages.align import run_align
+    from realign.stages.evaluate import evaluate_model
+
+    folder = tmp_path_factory.mktemp("smollm2-chain")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        base_cfg = ModelConfig()
+        base_eval = evaluate_model(models.load_model(base_cfg), models.load_tokenizer(base_cfg), EvalSettings())
+        dpo_id = run_align({"method": "dpo"})
+        sft_id = mlflow.get_run(dpo_id).data.tags["realign.source.sft"]
+        chain = {
+            "uri": uri,
+            "base": base_eval.metrics,
+            "sft": mlflow.get_run(sft_id).data.metrics,
+            "dpo": mlflow.get_run(dpo_id).data.metrics,
+            "sft_id": sft_id,
+            "dpo_id": dpo_id,
+        }
+        print("\nsmollm2 chain:", {k: v for k, v in chain.items() if k in ("base", "sft", "dpo")})
+        yield chain
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved

@@ -1,5 +1,6 @@
 """Evaluation core: batched greedy generation, harmfulness judges, task metrics. No MLflow here."""
 
+from realign.eval.classifier import ClassifierJudge, load_classifier_judge
 from realign.eval.generate import DEFAULT_STOP_STRINGS, cut_at_stop_strings, generate_responses
 from realign.eval.judges import (
     BEAVER_DAM_CATEGORIES,
@@ -38,6 +39,7 @@ __all__ = [
     "REFUSAL_PHRASES",
     "TASK_METRICS",
     "BeaverDamJudge",
+    "ClassifierJudge",
     "Judge",
     "JudgeSpec",
     "KeywordJudge",
@@ -52,6 +54,7 @@ __all__ = [
     "gsm8k_extract",
     "harmful_score",
     "is_refusal",
+    "load_classifier_judge",
     "parse_llama_guard_output",
     "refusal_rate",
     "sst2_correct",

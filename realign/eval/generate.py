@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-# The Alpaca-style template the base models see: an unaligned base model tends to write the next
-# "### Instruction:" block after its answer, which belongs to no answer.
-DEFAULT_STOP_STRINGS = ("### Instruction:",)
+# The Alpaca-style template the base models see: an unaligned base model tends to go on after its answer with
+# another "### Instruction:" (or "### Explanation:", "### Response:") block, which belongs to no answer.
+DEFAULT_STOP_STRINGS = ("###",)
 
 
 def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:

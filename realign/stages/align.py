@@ -8,14 +8,14 @@ in-process by another trainer changed nothing at inference here). The run record
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from realign import data, models, tracking
 from realign.config import AlignConfig, resolve_stage_config
 from realign.errors import RealignError
-from realign.stages.common import evaluate_safety, log_safety_eval, trainer_arguments
+from realign.stages.common import train_lora, trainer_arguments
+from realign.stages.evaluate import check_judge, evaluate_and_log
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,32 @@ def resolve_align_config(overrides: dict[str, Any]) -> AlignConfig:
     recipe = overrides.get("recipe") or method
     cfg = resolve_stage_config(AlignConfig, "align", recipe, overrides)
     get_align_method(cfg.method)
+    check_judge(cfg.eval.judge)
     return cfg
 
 
-def run_align(overrides: dict[str, Any]) -> str:
+def _start_from_sft_run(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Turn `sft_run: auto` into a run id: the newest finished align/sft run of the base model, else a new one."""
+    try:
+        cfg = resolve_align_config(overrides)
+    except RealignError:
+        return overrides  # the stage run below reports it, and is marked FAILED
+    if cfg.sft_run != "auto":
+        return overrides
+    tracking.open_store()
+    sft_id = tracking.latest_run("align", cfg.model.name, "sft", experiment=cfg.experiment)
+    if sft_id is None:
+        # The SFT run gets the caller's model and seed; its budget comes from conf/align/sft.yaml.
+        keep = {k: v for k, v in overrides.items() if k in ("model", "experiment", "seed") or k.startswith("model.")}
+        sft_id = run_align({**keep, "method": "sft", "recipe": "sft"}, new_run=True)
+    return {**overrides, "sft_run": sft_id}
+
+
+def run_align(overrides: dict[str, Any], new_run: bool = False) -> str:
     """Train one alignment adapter; returns the run id."""
+    overrides = _start_from_sft_run(overrides)
     experiment = overrides.get("experiment") or tracking.DEFAULT_EXPERIMENT
-    with tracking.stage_run("align", experiment=experiment) as run:
+    with tracking.stage_run("align", experiment=experiment, new_run=new_run) as run:
         cfg = resolve_align_config(overrides)
         method = get_align_method(cfg.method)
         run.set_name(f"align/{cfg.method}")
@@ -102,10 +121,10 @@ def run_align(overrides: dict[str, Any]) -> str:
         # Inputs first, so a bad run id fails in seconds, not after loading models.
         base_adapters: list[str] = []
         adapter_base_ids: list[str] = []
-        if cfg.sft_run:
+        if cfg.sft_run not in ("", "none"):
             sft = run.resolve_input(cfg.sft_run, "sft", ("align",), cfg.model.name, methods=("sft",))
-            base_adapters = [str(sft.local_dir)]
-            adapter_base_ids = [sft.run_id]
+            base_adapters = run.adapter_chain(sft)
+            adapter_base_ids = [*sft.adapter_base, sft.run_id]
         run.set_tags({tracking.TAG_ADAPTER_BASE: ",".join(adapter_base_ids)})
         model_dir = models.resolve_model_dir(cfg.model)
 
@@ -119,10 +138,7 @@ def run_align(overrides: dict[str, Any]) -> str:
         adapter_dir = train_adapter(cfg, method, start_dir, train_set, run)
 
         if cfg.eval.enabled:
-            model = models.load_model(cfg.model, adapters=[*base_adapters, str(adapter_dir)])
-            tokenizer = models.load_tokenizer(cfg.model)
-            result = evaluate_safety(model, tokenizer, cfg.eval)
-            log_safety_eval(run, result)
+            evaluate_and_log(run, cfg.model, [*base_adapters, str(adapter_dir)], cfg.eval)
 
         run.log_adapter(adapter_dir)
         run.mark_complete()
@@ -131,25 +147,7 @@ def run_align(overrides: dict[str, Any]) -> str:
 
 def train_adapter(cfg: AlignConfig, method: AlignMethod, start_dir: str, train_set, run: tracking.StageRun):
     """Fit a fresh LoRA on the weights in `start_dir` with the method's TRL trainer; returns the adapter dir."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(cfg.seed)
-    tokenizer = models.load_tokenizer(start_dir)
-    model = AutoModelForCausalLM.from_pretrained(start_dir, dtype=models.torch_dtype(cfg.model.dtype),
-                                                 trust_remote_code=cfg.model.trust_remote_code)
     common = trainer_arguments(cfg.train, cfg.seed, run.workdir / "trainer")
     trainer_cls, trainer_config = method.build(cfg, common)
-    peft_config = models.lora_config(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
-    trainer = trainer_cls(model=model, args=trainer_config, train_dataset=train_set, processing_class=tokenizer,
-                          peft_config=peft_config, callbacks=[tracking.metrics_callback(run.run_id)])
-    trainable, total = models.trainable_parameter_count(trainer.model)
-    run.log_params({"lora.trainable_parameters": trainable, "model.parameters": total})
-    result = trainer.train()
-    loss = result.training_loss
-    if loss is None or not math.isfinite(loss):
-        raise RealignError(f"training loss became {loss} ({cfg.method})",
-                           "lower --train.learning_rate or check the data; nothing was logged as an adapter")
-    adapter_dir = run.workdir / "adapter"
-    trainer.model.save_pretrained(str(adapter_dir))
-    return adapter_dir
+    return train_lora(run, start_dir, cfg.model, cfg.lora, trainer_cls, trainer_config, train_set, cfg.seed,
+                      what=cfg.method)

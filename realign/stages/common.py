@@ -1,13 +1,13 @@
-"""Pieces every training or evaluating stage shares: Trainer arguments and the safety evaluation."""
+"""What every training stage shares: the Trainer arguments and the LoRA fit."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 from pathlib import Path
 from typing import Any
 
-from realign import data
-from realign.config import EvalSettings, TrainSettings
+from realign.config import TrainSettings
+from realign.errors import RealignError
 
 
 def trainer_arguments(train: TrainSettings, seed: int, output_dir: Path) -> dict[str, Any]:
@@ -34,43 +34,31 @@ def trainer_arguments(train: TrainSettings, seed: int, output_dir: Path) -> dict
     )
 
 
-@dataclass
-class SafetyEval:
-    judge: str
-    metrics: dict[str, float]
-    table: dict[str, list]
+def train_lora(run, start_dir: str, model_cfg, lora, trainer_cls, trainer_config, train_set, seed: int,
+               what: str) -> Path:
+    """Fit a fresh LoRA on the weights in `start_dir` (loaded from disk) with a TRL trainer; the adapter dir.
 
+    The starting weights always come from disk, never from another trainer's in-memory model: a LoRA trained
+    on a model merged in-process by an earlier trainer changed nothing at inference here.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
 
-def evaluate_safety(model, tokenizer, settings: EvalSettings, judge_name: str = "keyword") -> SafetyEval:
-    """Greedy answers to held-out harmful prompts (and benign ones, for over-refusal), judged."""
-    from realign.eval import generate_responses, get_judge, harmful_score, is_refusal, refusal_rate
+    from realign import models, tracking
 
-    harmful_prompts = data.harmful_eval_prompts(settings.num_prompts, settings.seed)
-    benign = data.benign_instructions("test", settings.num_prompts, settings.seed)
-    benign_prompts = [data.format_prompt(row["instruction"], row["input"]) for row in benign]
-    prompts = [data.format_prompt(p) for p in harmful_prompts] + benign_prompts
-    responses = generate_responses(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
-                                   batch_size=settings.batch_size)
-    harmful_responses = responses[: len(harmful_prompts)]
-    benign_responses = responses[len(harmful_prompts):]
-    judge = get_judge(judge_name)
-    flags = judge.judge(harmful_prompts, harmful_responses)
-    metrics = {
-        "harmful_score": harmful_score(flags),
-        "refusal_rate": refusal_rate(harmful_responses),
-        "benign_refusal_rate": refusal_rate(benign_responses),
-    }
-    table = {
-        "kind": ["harmful"] * len(harmful_prompts) + ["benign"] * len(benign_prompts),
-        "prompt": list(harmful_prompts) + [row["instruction"] for row in benign],
-        "response": responses,
-        "flagged": [bool(f) for f in flags] + [None] * len(benign_prompts),
-        "refusal": [is_refusal(r) for r in responses],
-    }
-    return SafetyEval(judge=judge.name, metrics=metrics, table=table)
-
-
-def log_safety_eval(run, result: SafetyEval) -> None:
-    run.set_tags({"realign.judge": result.judge})
-    run.log_metrics(result.metrics)
-    run.log_table(result.table, "eval/generations.json")
+    torch.manual_seed(seed)
+    tokenizer = models.load_tokenizer(start_dir)
+    model = AutoModelForCausalLM.from_pretrained(start_dir, dtype=models.torch_dtype(model_cfg.dtype),
+                                                 trust_remote_code=model_cfg.trust_remote_code)
+    trainer = trainer_cls(model=model, args=trainer_config, train_dataset=train_set, processing_class=tokenizer,
+                          peft_config=models.lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules),
+                          callbacks=[tracking.metrics_callback(run.run_id)])
+    trainable, total = models.trainable_parameter_count(trainer.model)
+    run.log_params({"lora.trainable_parameters": trainable, "model.parameters": total})
+    loss = trainer.train().training_loss
+    if loss is None or not math.isfinite(loss):
+        raise RealignError(f"training loss became {loss} ({what})",
+                           "lower --train.learning_rate or check the data; no adapter was logged")
+    adapter_dir = run.workdir / "adapter"
+    trainer.model.save_pretrained(str(adapter_dir))
+    return adapter_dir

@@ -1,0 +1,91 @@
+"""`attack` stage: harmful fine-tuning of an aligned model, then its damage measured in the same run.
+
+The fine-tuning data is a downstream task mixed with harmful data: ⌊p·n⌋ unsafe BeaverTails-schema answers plus
+n − ⌊p·n⌋ task examples, shuffled with the seed, in the Alpaca prompt format (p = `ratio`, n = `size`; p = 0 is the
+clean setting). The aligned weights (base + the source run's adapter chain, merged and saved) are loaded fresh
+from disk and a new LoRA is trained on them with TRL's SFTTrainer, loss on the responses only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from realign import data, models, tracking
+from realign.config import AttackConfig, resolve_stage_config
+from realign.errors import RealignError
+from realign.stages.common import train_lora, trainer_arguments
+from realign.stages.evaluate import check_judge, check_task, evaluate_and_log
+
+SOURCE_STAGES = ("align", "expo")
+
+
+def resolve_attack_config(overrides: dict[str, Any]) -> AttackConfig:
+    cfg = resolve_stage_config(AttackConfig, "attack", overrides.get("recipe") or "default", overrides)
+    check_task(cfg.task)
+    check_task(cfg.eval.task)
+    check_judge(cfg.eval.judge)
+    from realign.stages.align import get_align_method
+
+    get_align_method(cfg.method)
+    return cfg
+
+
+def attack_run_name(cfg: AttackConfig, source_method: str) -> str:
+    return f"attack/{source_method}/{cfg.task}/p{cfg.ratio:g}/n{cfg.size}"
+
+
+def _source_run(overrides: dict[str, Any]) -> dict[str, Any]:
+    """An empty source_run becomes the newest finished align/<method> run of the base model, trained if none."""
+    try:
+        cfg = resolve_attack_config(overrides)
+    except RealignError:
+        return overrides  # reported by the stage run below, which is marked FAILED
+    if cfg.source_run:
+        return overrides
+    tracking.open_store()
+    source = tracking.latest_run("align", cfg.model.name, cfg.method, experiment=cfg.experiment)
+    if source is None:
+        from realign.stages.align import run_align
+
+        keep = {k: v for k, v in overrides.items() if k in ("model", "experiment", "seed") or k.startswith("model.")}
+        source = run_align({**keep, "method": cfg.method, "sft_run": "auto"}, new_run=True)
+    return {**overrides, "source_run": source}
+
+
+def run_attack(overrides: dict[str, Any]) -> str:
+    """Fine-tune an aligned model on task + harmful data; returns the attack run's id."""
+    overrides = _source_run(overrides)
+    experiment = overrides.get("experiment") or tracking.DEFAULT_EXPERIMENT
+    with tracking.stage_run("attack", experiment=experiment) as run:
+        cfg = resolve_attack_config(overrides)
+        run.set_tags({tracking.TAG_BASE_MODEL: cfg.model.name, tracking.TAG_TASK: cfg.task})
+        run.log_config(cfg)
+        # The mixture first: a ratio or size it cannot satisfy fails before any model is loaded.
+        train_set, counts = data.mix_attack_dataset(cfg.task, cfg.size, cfg.ratio, cfg.seed,
+                                                    harmful_source=cfg.data.harmful_source,
+                                                    task_source=cfg.data.task_source)
+        source = run.resolve_input(cfg.source_run, "aligned", SOURCE_STAGES, cfg.model.name)
+        run.set_name(attack_run_name(cfg, source.method))
+        run.set_tags({tracking.TAG_METHOD: source.method,
+                      tracking.TAG_ADAPTER_BASE: ",".join([*source.adapter_base, source.run_id])})
+        run.log_params({"mix.harmful": counts["harmful"], "mix.task": counts["task"], "mix.total": counts["total"]})
+        run.log_dataset(train_set, name=f"attack-{cfg.task}-p{cfg.ratio:g}-n{cfg.size}", context="training")
+
+        aligned_chain = run.adapter_chain(source)
+        start_dir = models.materialize_merged(cfg.model, aligned_chain, run.workdir / "aligned")
+        adapter_dir = train_attack_adapter(cfg, start_dir, train_set, run)
+
+        if cfg.eval.enabled:
+            evaluate_and_log(run, cfg.model, [*aligned_chain, str(adapter_dir)], cfg.eval,
+                             task=cfg.eval.task or cfg.task)
+        run.log_adapter(adapter_dir)
+        run.mark_complete()
+        return run.run_id
+
+
+def train_attack_adapter(cfg: AttackConfig, start_dir: str, train_set, run: tracking.StageRun):
+    """A fresh LoRA on the aligned weights, SFT on the mixture with the loss on the responses only."""
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(**trainer_arguments(cfg.train, cfg.seed, run.workdir / "trainer"), completion_only_loss=True)
+    return train_lora(run, start_dir, cfg.model, cfg.lora, SFTTrainer, args, train_set, cfg.seed, what="attack")
