@@ -110,7 +110,9 @@ class EvalSettings:
     """How a stage measures the damage: harmful score on held-out harmful prompts, accuracy on the task."""
 
     enabled: bool = True
-    judge: str = "keyword"  # see realign.eval.judges.JUDGES; the name travels with harmful_score
+    # The name travels with harmful_score (tag realign.judge). keyword until the classifier is validated on real
+    # model outputs: on SmolLM2 base answers it flagged 19 % where nearly all comply (see README, judges).
+    judge: str = "keyword"
     judge_path: str = ""  # a local dir or hub id, for model judges (beaver-dam, llama-guard)
     num_prompts: int = 32  # held-out harmful prompts (disjoint in topic and wording from any training data)
     prompt_source: str = "builtin"  # or PKU-Alignment/BeaverTails (its test split) with the hub

@@ -35,6 +35,7 @@ TINY = {
     "train.per_device_train_batch_size": "4",
     "train.max_length": "96",
     "train.learning_rate": "1e-2",
+    "eval.judge": "keyword",  # mechanics tests stay independent of the classifier judge's one-off build
     "eval.num_prompts": "4",
     "eval.max_new_tokens": "8",
 }
