@@ -235,14 +235,18 @@ def download_artifact(run_id: str, artifact: str, dst: Path, role: str) -> Path:
 def latest_run(stage: str, base_model: str, method: str | None = None, experiment: str = DEFAULT_EXPERIMENT) -> str | None:
     """The newest FINISHED and complete run of `stage` (and `method`) for `base_model`, or None."""
     mlflow = _mlflow()
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
+    # Under `mlflow run` the experiment is the one it chose (--experiment-name), not the config's.
+    experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if not experiment_id:
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        experiment_id = exp.experiment_id
     query = (f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_BASE_MODEL}` = '{base_model}' "
              f"and tags.`{TAG_COMPLETE}` = 'true' and attributes.status = 'FINISHED'")
     if method:
         query += f" and tags.`{TAG_METHOD}` = '{method}'"
-    runs = mlflow.MlflowClient().search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"],
+    runs = mlflow.MlflowClient().search_runs([experiment_id], query, order_by=["attributes.start_time DESC"],
                                              max_results=1)
     return runs[0].info.run_id if runs else None
 

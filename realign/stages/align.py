@@ -126,15 +126,14 @@ def run_align(overrides: dict[str, Any], new_run: bool = False) -> str:
             base_adapters = run.adapter_chain(sft)
             adapter_base_ids = [*sft.adapter_base, sft.run_id]
         run.set_tags({tracking.TAG_ADAPTER_BASE: ",".join(adapter_base_ids)})
-        model_dir = models.resolve_model_dir(cfg.model)
+        models.resolve_model_dir(cfg.model)  # a missing model path fails here, before data and training
 
         train_set = data.alignment_dataset(method.data_format, cfg.data.num_examples, cfg.data.seed,
                                            benign_fraction=cfg.data.benign_fraction, source=cfg.data.source)
         run.log_dataset(train_set, name=f"align-{method.data_format}-{cfg.data.source}", context="training",
                         hub_path=None if cfg.data.source == "builtin" else cfg.data.source)
 
-        start_dir = models.materialize_merged(cfg.model, base_adapters, run.workdir / "start") if base_adapters \
-            else model_dir
+        start_dir = models.materialize_merged(cfg.model, base_adapters, run.workdir / "start")
         adapter_dir = train_adapter(cfg, method, start_dir, train_set, run)
 
         if cfg.eval.enabled:
