@@ -58,7 +58,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as workdir:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir}/mlflow.db"
-        overrides = {"method": args.method, "model": args.model, "train.max_steps": str(args.steps),
+        overrides = {"method": args.method, "model": args.model, "train.max_steps": str(args.steps), "sft_run": "none",
                      "eval.enabled": "false"}
         cfg = resolve_align_config(overrides)
         models.load_model(cfg.model)  # warm the model cache and imports for both sides

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from realign.data.safety import HARM_CATEGORIES
 from realign.errors import RealignError
 from realign.eval.classifier import load_classifier_judge
 from realign.eval.generate import generate_responses
@@ -126,23 +127,8 @@ def load_keyword_judge(judge_path: str | None = None) -> KeywordJudge:
 # ---------------------------------------------------------------- beaver-dam
 
 BEAVER_DAM_HUB_ID = "PKU-Alignment/beaver-dam-7b"
-# The 14 BeaverTails harm categories, in beaver-dam-7b's config id2label order (label i = score head row i).
-BEAVER_DAM_CATEGORIES: tuple[str, ...] = (
-    "animal_abuse",
-    "child_abuse",
-    "controversial_topics,politics",
-    "discrimination,stereotype,injustice",
-    "drug_abuse,weapons,banned_substance",
-    "financial_crime,property_crime,theft",
-    "hate_speech,offensive_language",
-    "misinformation_regarding_ethics,laws_and_safety",
-    "non_violent_unethical_behavior",
-    "privacy_violation",
-    "self_harm",
-    "sexually_explicit,adult_content",
-    "terrorism,organized_crime",
-    "violence,aiding_and_abetting,incitement",
-)
+# The 14 BeaverTails harm categories are beaver-dam-7b's labels in config id2label order (label i = head row i).
+BEAVER_DAM_CATEGORIES: tuple[str, ...] = HARM_CATEGORIES
 
 
 def beaver_dam_input(question: str, answer: str) -> str:
