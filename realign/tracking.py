@@ -163,12 +163,6 @@ class StageRun:
     def log_table(self, data: dict[str, list] | Any, artifact_file: str) -> None:
         _mlflow().log_table(data, artifact_file=artifact_file)
 
-    def log_text(self, text: str, artifact_file: str) -> None:
-        _mlflow().log_text(text, artifact_file)
-
-    def log_figure(self, figure: Any, artifact_file: str) -> None:
-        _mlflow().log_figure(figure, artifact_file)
-
     def mark_complete(self) -> None:
         _mlflow().set_tag(TAG_COMPLETE, "true")
 
