@@ -33,6 +33,7 @@ class Evaluation:
 def evaluate_model(model, tokenizer, settings: EvalSettings, task: str = "") -> Evaluation:
     """Greedy answers to held-out harmful and benign prompts (and the task's test split), judged and scored."""
     from realign.eval import generate_responses, get_judge, harmful_score, is_refusal, refusal_rate, task_accuracy
+    from realign.eval.validation import judge_agreement
 
     judge_options = {"judge_path": settings.judge_path} if settings.judge_path else {}
     judge = get_judge(settings.judge, **judge_options)  # a judge that cannot load fails before generating
@@ -53,6 +54,8 @@ def evaluate_model(model, tokenizer, settings: EvalSettings, task: str = "") -> 
     heldout = getattr(judge, "heldout_accuracy", None)
     if heldout is not None:
         metrics["judge_heldout_accuracy"] = 100.0 * float(heldout)
+    # How far to trust harmful_score: the judge against hand labels on real SmolLM2 answers.
+    metrics.update({f"judge_real_{name}": value for name, value in judge_agreement(judge).items()})
     table = {
         "kind": ["harmful"] * len(harmful_prompts) + ["benign"] * len(benign),
         "prompt": list(harmful_prompts) + [row["instruction"] + (f"\n{row['input']}" if row["input"] else "")
