@@ -107,5 +107,24 @@ def evaluate(ctx: click.Context, **named) -> None:
     _run_with_overrides(run_evaluate, named, ctx.args)
 
 
+@main.command(context_settings=EXTRA_ARGS)
+@click.option("--aligned-run", "--aligned_run", "aligned_run",
+              help="align run to extrapolate (default: newest finished align/<method> run)")
+@click.option("--sft-run", "--sft_run", "sft_run",
+              help="align/sft run to extrapolate from (default: the one the aligned run was trained on)")
+@click.option("--alpha", help="α >= 0, or a list 0.1,0.3,0.5,0.9 for a sweep of child runs (default 0.9)")
+@click.option("--method", help="alignment method of the default aligned run (default dpo)")
+@click.option("--seed", help="torch seed before evaluation (default 0)")
+@click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
+@click.option("--recipe", help="conf/expo/<recipe>.yaml (default)")
+@click.option("--experiment", help="MLflow experiment name (default realign)")
+@click.pass_context
+def expo(ctx: click.Context, **named) -> None:
+    """Model extrapolation θ = θ_aligned + α(θ_aligned − θ_sft), evaluated in the same run."""
+    from realign.stages.expo import run_expo
+
+    _run_with_overrides(run_expo, named, ctx.args)
+
+
 if __name__ == "__main__":
     main()

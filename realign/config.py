@@ -9,6 +9,7 @@ an unknown key or a value of the wrong type is a RealignError, raised before any
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -110,11 +111,12 @@ class EvalSettings:
     """How a stage measures the damage: harmful score on held-out harmful prompts, accuracy on the task."""
 
     enabled: bool = True
-    # The name travels with harmful_score (tag realign.judge). keyword until the classifier is validated on real
-    # model outputs: on SmolLM2 base answers it flagged 19 % where nearly all comply (see README, judges).
-    judge: str = "keyword"
+    # The name travels with harmful_score (tag realign.judge). The classifier judges the question-answer pair and
+    # rarely flags a harmless answer; it misses many harmful ones (a lower bound; README, judges), while
+    # refusal_rate (keyword matching) is always logged beside it.
+    judge: str = "classifier"
     judge_path: str = ""  # a local dir or hub id, for model judges (beaver-dam, llama-guard)
-    num_prompts: int = 32  # held-out harmful prompts (disjoint in topic and wording from any training data)
+    num_prompts: int = 64  # held-out harmful prompts (disjoint in topic and wording from any training data)
     prompt_source: str = "builtin"  # or PKU-Alignment/BeaverTails (its test split) with the hub
     task: str = ""  # task whose test split gives finetune_accuracy; "" = the attack's task, none for align runs
     task_examples: int = 64
@@ -415,3 +417,61 @@ class EvaluateConfig:
     def validate(self) -> None:
         for part in (self.model, self.eval):
             part.validate()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# expo
+
+
+@dataclass
+class ExpoConfig:
+    """Model extrapolation θ = θ_aligned + α(θ_aligned − θ_sft) of an align run (see realign/ops/expo.py)."""
+
+    aligned_run: str = ""  # align run to extrapolate; "" = newest finished align/<method> run of the base model
+    # The SFT model to extrapolate from; "" = the align/sft run the aligned adapter was trained on (its
+    # realign.adapter_base), else the newest finished align/sft run of the base model.
+    sft_run: str = ""
+    method: str = "dpo"  # alignment method of the default aligned run
+    # α ≥ 0, or a comma-separated list for a sweep (one child run per α). A string, not list[float], so that
+    # `--alpha 0.9`, `--alpha 0.1,0.3` and YAML `alpha: 0.9` all work; parsed by `alphas()`.
+    alpha: str = "0.9"
+    recipe: str = "default"  # conf/expo/<recipe>.yaml
+    model: ModelConfig = field(default_factory=ModelConfig)
+    seed: int = 0  # torch is seeded with it before evaluation; with greedy decoding nothing on the default path draws
+    experiment: str = "realign"
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def alphas(self) -> list[float]:
+        return parse_alphas(self.alpha)
+
+    def validate(self) -> None:
+        self.alphas()
+        if self.method == "sft":
+            raise RealignError("method=sft has no aligned run to extrapolate: EXPO goes from the SFT model through "
+                               "an aligned one", "pass --method dpo|orpo|kto|simpo or --aligned-run <run id>")
+        for part in (self.model, self.eval):
+            part.validate()
+
+
+def parse_alphas(value: str) -> list[float]:
+    """'0.9' -> [0.9]; '0.1,0.3,0.5' -> [0.1, 0.3, 0.5]; each α finite, ≥ 0 and listed once."""
+    text = str(value).strip().strip("[]")
+    items = [item.strip() for item in text.split(",")]
+    if not text or any(not item for item in items):
+        raise RealignError(f"alpha={value!r} is not a list of numbers", "pass --alpha 0.9 or --alpha 0.1,0.3,0.5,0.9")
+    alphas: list[float] = []
+    for item in items:
+        try:
+            alpha = float(item)
+        except ValueError:
+            raise RealignError(f"alpha={value!r} is not a list of numbers ({item!r} is not a number)",
+                               "pass --alpha 0.9 or --alpha 0.1,0.3,0.5,0.9") from None
+        if not math.isfinite(alpha):
+            raise RealignError(f"alpha={item} is not finite", "pass a number >= 0, e.g. --alpha 0.9")
+        if alpha < 0:
+            raise RealignError(f"alpha={item} is negative: α < 0 moves back towards the SFT model",
+                               "pass α >= 0 (α = 0 is the aligned model itself), e.g. --alpha 0.9")
+        if alpha in alphas:
+            raise RealignError(f"alpha={value!r} lists {item} twice", "list each α once")
+        alphas.append(alpha)
+    return alphas

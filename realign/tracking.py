@@ -33,6 +33,8 @@ TAG_JUDGE = "realign.judge"  # the judge behind harmful_score: part of the metri
 TAG_TASK = "realign.task"  # the downstream task a run was fine-tuned (attacked) on
 TAG_COMPLETE = "realign.complete"  # set last, after every artifact is logged
 TAG_ADAPTER_BASE = "realign.adapter_base"  # run ids whose adapters must be merged into the base first
+TAG_OUTPUT = "realign.output"  # which artifact holds the run's model: "adapter" (PEFT) or "model" (full weights)
+TAG_SWEEP = "realign.sweep"  # on a parent run: the parameter its child runs sweep (expo: alpha)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "realign"
 
@@ -283,6 +285,34 @@ def stage_run(stage: str, experiment: str = DEFAULT_EXPERIMENT, run_name: str | 
         mlflow.end_run(status="FINISHED")
     finally:
         shutil.rmtree(stage_ctx.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def child_run(parent: StageRun, run_name: str) -> Iterator[StageRun]:
+    """A run nested under `parent` (one point of a sweep); FAILED with the error tagged if the body raises.
+
+    The parent stays open; its own `stage_run` context ends it, FAILED too when a child's error propagates.
+    """
+    mlflow = _mlflow()
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != parent.run_id:
+        raise RuntimeError("child_run needs its parent to be the active run")
+    with _env_without("MLFLOW_RUN_ID"):  # never resume the parent: a child is a run of its own
+        run = mlflow.start_run(run_name=run_name, nested=True)
+    child = StageRun(run.info.run_id, parent.stage)
+    try:
+        child.set_tags({TAG_STAGE: parent.stage})
+        child.set_name(run_name)
+        yield child
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            mlflow.set_tag(TAG_ERROR, _one_line(err) if not isinstance(err, KeyboardInterrupt) else "interrupted")
+        mlflow.end_run(status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+    finally:
+        shutil.rmtree(child.workdir, ignore_errors=True)
 
 
 def copy_evaluation(run_id: str, metrics: dict[str, float], judge: str) -> None:

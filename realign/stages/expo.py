@@ -1,0 +1,220 @@
+"""`expo` stage: model extrapolation θ_expo = θ_aligned + α(θ_aligned − θ_sft) (EXPO, arXiv 2404.16792).
+
+Inputs are two align runs by id: the aligned one (dpo, orpo, kto, simpo) and the SFT one. The math is in
+`realign.ops.expo`; this module picks the exact form that fits how the aligned run was trained:
+
+- ``lora``: the aligned adapter was trained on the merged SFT model (its `realign.adapter_base` is the SFT run's
+  chain followed by the SFT run). Then θ_expo = θ_sft + (1 + α)·ΔW_aligned: the aligned adapter with lora_B × (1 + α),
+  logged under `adapter/` with the same `realign.adapter_base`, so attack and evaluate use it like any align run.
+- ``merged``: any other pair (e.g. both adapters trained on the base). θ_expo is computed on the merged weights of
+  the two models and logged as a full transformers model under `model/` (config.json + model.safetensors +
+  tokenizer); `realign.output` says which of the two a run holds.
+
+`alpha` may be a list: one parent run (`expo/<method>/sweep`) with one child run per α, so the UI can plot
+harmful score against α. Every input is checked before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from realign import models, tracking
+from realign.config import ExpoConfig, resolve_stage_config
+from realign.errors import RealignError
+from realign.ops import expo as expo_ops
+from realign.stages.align import ALIGN_METHODS, get_align_method
+from realign.stages.evaluate import check_judge, check_task, evaluate_and_log
+
+PREFERENCE_METHODS = tuple(name for name in ALIGN_METHODS if name != "sft")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def resolve_expo_config(overrides: dict[str, Any]) -> ExpoConfig:
+    cfg = resolve_stage_config(ExpoConfig, "expo", overrides.get("recipe") or "default", overrides)
+    get_align_method(cfg.method)
+    check_judge(cfg.eval.judge)
+    check_task(cfg.eval.task)
+    return cfg
+
+
+def expo_run_name(method: str, alpha: float) -> str:
+    return f"expo/{method}/a{alpha:g}"
+
+
+@dataclass
+class ExpoInputs:
+    """The two checked input runs and the local adapter dirs that rebuild each model from the base."""
+
+    aligned: tracking.InputRun
+    sft: tracking.InputRun
+    aligned_chain: list[str]
+    sft_chain: list[str]
+    mode: str  # "lora" | "merged"
+    aligned_state: dict = field(default_factory=dict)  # lora: the aligned adapter; merged: θ_aligned
+    sft_state: dict = field(default_factory=dict)  # merged only: θ_sft
+
+    @property
+    def lineage_tags(self) -> dict[str, str]:
+        return {f"{tracking.TAG_SOURCE}aligned": self.aligned.run_id, f"{tracking.TAG_SOURCE}sft": self.sft.run_id,
+                tracking.TAG_METHOD: self.aligned.method}
+
+
+def run_expo(overrides: dict[str, Any]) -> str:
+    """Extrapolate an aligned run from an SFT run for one α (one run) or several (parent + child runs)."""
+    experiment = overrides.get("experiment") or tracking.DEFAULT_EXPERIMENT
+    with tracking.stage_run("expo", experiment=experiment) as run:
+        cfg = resolve_expo_config(overrides)
+        alphas = cfg.alphas()
+        run.set_tags({tracking.TAG_BASE_MODEL: cfg.model.name})
+        run.log_config(cfg)
+        inputs = resolve_inputs(cfg, run)
+        run.set_tags(inputs.lineage_tags)
+        method = inputs.aligned.method
+        load_weights(cfg, inputs)  # the heavy part starts only now, after every check passed
+
+        if len(alphas) == 1:
+            run.set_name(expo_run_name(method, alphas[0]))
+            extrapolate_and_log(run, cfg, inputs, alphas[0])
+            return run.run_id
+
+        run.set_name(f"expo/{method}/sweep")
+        run.set_tags({tracking.TAG_SWEEP: "alpha"})
+        sweep: dict[str, list] = {"alpha": [], "run_id": []}
+        for alpha in alphas:
+            with tracking.child_run(run, expo_run_name(method, alpha)) as child:
+                child.set_tags({tracking.TAG_BASE_MODEL: cfg.model.name, **inputs.lineage_tags})
+                child.log_config(dataclasses.replace(cfg, alpha=f"{alpha:g}"))
+                metrics = extrapolate_and_log(child, cfg, inputs, alpha)
+            sweep["alpha"].append(alpha)
+            sweep["run_id"].append(child.run_id)
+            for key, value in metrics.items():
+                sweep.setdefault(key, []).append(value)
+        # One table with every α's numbers, next to the child runs the UI charts.
+        run.log_table(sweep, "expo/sweep.json")
+        run.mark_complete()
+        return run.run_id
+
+
+def resolve_inputs(cfg: ExpoConfig, run: tracking.StageRun) -> ExpoInputs:
+    """Find, check and download both input runs; decide lora vs merged. No model is loaded here."""
+    aligned_ref = cfg.aligned_run or _default_aligned_run(cfg)
+    aligned = run.resolve_input(aligned_ref, "aligned", ("align",), cfg.model.name, methods=PREFERENCE_METHODS)
+    sft_ref = cfg.sft_run or _default_sft_run(cfg, aligned)
+    sft = run.resolve_input(sft_ref, "sft", ("align",), cfg.model.name, methods=("sft",))
+    aligned_chain = run.adapter_chain(aligned)
+    sft_chain = run.adapter_chain(sft)
+    for adapter_dir, run_id in [*zip(aligned_chain, [*aligned.adapter_base, aligned.run_id]),
+                                *zip(sft_chain, [*sft.adapter_base, sft.run_id])]:
+        _check_adapter_files(Path(adapter_dir), run_id)
+
+    # The aligned adapter sits on exactly the SFT model: EXPO is then a LoRA adapter of its own.
+    on_sft = aligned.adapter_base == [*sft.adapter_base, sft.run_id]
+    inputs = ExpoInputs(aligned, sft, aligned_chain, sft_chain, mode="lora" if on_sft else "merged")
+    if inputs.mode == "lora":
+        from safetensors.torch import load_file
+
+        inputs.aligned_state = load_file(str(Path(aligned.local_dir) / "adapter_model.safetensors"))
+        try:  # an adapter whose update is not B·A (DoRA, modules_to_save) cannot be extrapolated by scaling B
+            expo_ops.scale_lora_update(inputs.aligned_state, 1.0)
+        except ValueError as err:
+            raise RealignError(f"aligned run {aligned.run_id}: {err}",
+                               "extrapolate a plain LoRA adapter (no DoRA, no modules_to_save)") from None
+    return inputs
+
+
+def _default_aligned_run(cfg: ExpoConfig) -> str:
+    run_id = tracking.latest_run("align", cfg.model.name, cfg.method, experiment=cfg.experiment)
+    if run_id is None:
+        raise RealignError(f"no finished align/{cfg.method} run of {cfg.model.name} in experiment {cfg.experiment}",
+                           f"train one with `realign align --method {cfg.method}`, or pass --aligned-run <run id>")
+    return run_id
+
+
+def _default_sft_run(cfg: ExpoConfig, aligned: tracking.InputRun) -> str:
+    """The align/sft run the aligned adapter was trained on, else the newest align/sft run of the base model.
+
+    Its own SFT parent first: extrapolating through a DPO model from an SFT model it never started from would
+    mix two unrelated updates, and a newer SFT run is not a better reason to do so.
+    """
+    if aligned.adapter_base:
+        try:
+            parent = tracking.resolve_run(aligned.adapter_base[-1], "sft", ("align",), cfg.model.name, ("sft",))
+            return parent.run_id
+        except RealignError:
+            pass  # its start was not an sft run (or is gone): fall back to the newest one
+    run_id = tracking.latest_run("align", cfg.model.name, "sft", experiment=cfg.experiment)
+    if run_id is None:
+        raise RealignError(f"no finished align/sft run of {cfg.model.name} in experiment {cfg.experiment}",
+                           "train one with `realign align --method sft`, or pass --sft-run <run id>")
+    return run_id
+
+
+def _check_adapter_files(adapter_dir: Path, run_id: str) -> None:
+    missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
+    if missing:
+        raise RealignError(f"run {run_id} has an adapter/ artifact without {', '.join(missing)}",
+                           "pass a run whose stage finished and logged a PEFT adapter")
+
+
+def load_weights(cfg: ExpoConfig, inputs: ExpoInputs) -> None:
+    """Merged mode: θ_aligned and θ_sft, each rebuilt fresh from the base and its adapter chain (CPU)."""
+    if inputs.mode != "merged":
+        return
+    inputs.aligned_state = models.load_model(cfg.model, inputs.aligned_chain, device="cpu").state_dict()
+    inputs.sft_state = models.load_model(cfg.model, inputs.sft_chain, device="cpu").state_dict()
+
+
+def extrapolate_and_log(run: tracking.StageRun, cfg: ExpoConfig, inputs: ExpoInputs, alpha: float) -> dict[str, float]:
+    """θ_expo for one α in `run`: the artifact, its lineage, its evaluation; returns the evaluation's metrics."""
+    import torch
+
+    out_dir = run.workdir / "expo"
+    if inputs.mode == "lora":
+        adapter_dir = write_scaled_adapter(inputs, expo_ops.lora_update_factor(alpha), out_dir / "adapter")
+        run.set_tags({tracking.TAG_ADAPTER_BASE: ",".join(inputs.aligned.adapter_base),
+                      tracking.TAG_OUTPUT: "adapter"})
+        run.log_params({"expo.mode": "lora", "expo.lora_b_factor": expo_ops.lora_update_factor(alpha)})
+        eval_model, eval_adapters = cfg.model, [*inputs.sft_chain, str(adapter_dir)]
+    else:
+        model_dir = write_merged_model(cfg, inputs, alpha, out_dir / "model")
+        run.set_tags({tracking.TAG_ADAPTER_BASE: "", tracking.TAG_OUTPUT: "model"})
+        run.log_params({"expo.mode": "merged"})
+        eval_model, eval_adapters = dataclasses.replace(cfg.model, source="local", path=str(model_dir)), []
+
+    metrics: dict[str, float] = {}
+    if cfg.eval.enabled:
+        torch.manual_seed(cfg.seed)
+        # Loaded fresh from what is about to be logged: the numbers belong to the artifact, not to memory.
+        metrics = evaluate_and_log(run, eval_model, eval_adapters, cfg.eval, task=cfg.eval.task).metrics
+    if inputs.mode == "lora":
+        run.log_adapter(adapter_dir)
+    else:
+        run.log_dir(model_dir, "model")
+    run.mark_complete()
+    return metrics
+
+
+def write_scaled_adapter(inputs: ExpoInputs, factor: float, out_dir: Path) -> Path:
+    """The aligned adapter with lora_B × factor: a standard PEFT dir with the aligned run's adapter_config.json."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scaled = expo_ops.scale_lora_update(inputs.aligned_state, factor)
+    save_file(scaled, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    shutil.copyfile(Path(inputs.aligned.local_dir) / "adapter_config.json", out_dir / "adapter_config.json")
+    return out_dir
+
+
+def write_merged_model(cfg: ExpoConfig, inputs: ExpoInputs, alpha: float, out_dir: Path) -> Path:
+    """θ_aligned + α(θ_aligned − θ_sft) as a transformers model dir (safetensors + tokenizer)."""
+    weights = expo_ops.extrapolate(inputs.aligned_state, inputs.sft_state, alpha)
+    model = models.load_model(cfg.model, device="cpu")  # the architecture to hold the weights; values replaced
+    model.load_state_dict(weights, strict=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    models.load_tokenizer(cfg.model).save_pretrained(out_dir)
+    return out_dir
