@@ -270,12 +270,19 @@ def stage_run(stage: str, experiment: str = DEFAULT_EXPERIMENT, run_name: str | 
             mlflow.set_experiment(experiment)
         with _env_without("MLFLOW_RUN_ID"):
             run = mlflow.start_run(run_name=run_name or stage)
-    stage_ctx = StageRun(run.info.run_id, stage)
-    try:
-        stage_ctx.set_tags({TAG_STAGE: stage})
-        if run_name:
-            stage_ctx.set_name(run_name)
+    with _ended_when_done(StageRun(run.info.run_id, stage), run_name) as stage_ctx:
         yield stage_ctx
+
+
+@contextlib.contextmanager
+def _ended_when_done(ctx: StageRun, run_name: str | None) -> Iterator[StageRun]:
+    """Tag and name the active run, then end it: FINISHED, or FAILED (KILLED on Ctrl-C) with the error tagged."""
+    mlflow = _mlflow()
+    try:
+        ctx.set_tags({TAG_STAGE: ctx.stage})
+        if run_name:
+            ctx.set_name(run_name)
+        yield ctx
     except BaseException as err:
         with contextlib.suppress(Exception):
             mlflow.set_tag(TAG_ERROR, _one_line(err) if not isinstance(err, KeyboardInterrupt) else "interrupted")
@@ -284,7 +291,7 @@ def stage_run(stage: str, experiment: str = DEFAULT_EXPERIMENT, run_name: str | 
     else:
         mlflow.end_run(status="FINISHED")
     finally:
-        shutil.rmtree(stage_ctx.workdir, ignore_errors=True)
+        shutil.rmtree(ctx.workdir, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -299,20 +306,8 @@ def child_run(parent: StageRun, run_name: str) -> Iterator[StageRun]:
         raise RuntimeError("child_run needs its parent to be the active run")
     with _env_without("MLFLOW_RUN_ID"):  # never resume the parent: a child is a run of its own
         run = mlflow.start_run(run_name=run_name, nested=True)
-    child = StageRun(run.info.run_id, parent.stage)
-    try:
-        child.set_tags({TAG_STAGE: parent.stage})
-        child.set_name(run_name)
+    with _ended_when_done(StageRun(run.info.run_id, parent.stage), run_name) as child:
         yield child
-    except BaseException as err:
-        with contextlib.suppress(Exception):
-            mlflow.set_tag(TAG_ERROR, _one_line(err) if not isinstance(err, KeyboardInterrupt) else "interrupted")
-        mlflow.end_run(status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
-    else:
-        mlflow.end_run(status="FINISHED")
-    finally:
-        shutil.rmtree(child.workdir, ignore_errors=True)
 
 
 def copy_evaluation(run_id: str, metrics: dict[str, float], judge: str) -> None:

@@ -213,17 +213,18 @@ def test_defaults_pick_the_newest_dpo_run_and_the_sft_run_it_was_trained_on(stor
     assert tags["realign.source.aligned"] == newest_dpo and tags["realign.source.sft"] == store["sft"]
 
 
-def _fake_align_run(method, base, tmp_path, adapter=True):
-    """A finished align run made with plain MLflow calls, optionally without its adapter.
+def _hand_logged_align_run(method, base, tmp_path, adapter=True):
+    """A finished align run logged with plain MLflow calls (placeholder adapter files, or none), for the checks
+    that must refuse it before any model is loaded.
 
     In an experiment of its own, so that the default-run lookups in experiment realign never see it.
     """
-    mlflow.set_experiment("fakes")
+    mlflow.set_experiment("hand-logged")
     with mlflow.start_run() as run:
         mlflow.set_tags({tracking.TAG_STAGE: "align", tracking.TAG_METHOD: method, tracking.TAG_BASE_MODEL: base,
                          tracking.TAG_COMPLETE: "true"})
         if adapter:
-            folder = tmp_path / "fake-adapter"
+            folder = tmp_path / "placeholder-adapter"
             folder.mkdir()
             (folder / "adapter_config.json").write_text("{}")
             (folder / "adapter_model.safetensors").write_bytes(b"x")
@@ -251,9 +252,9 @@ def test_bad_inputs_fail_in_one_line_before_any_work(store, tmp_path, case, frag
     elif case == "aligned-is-sft":
         args[3] = store["sft"]
     elif case == "other-base":
-        args[5] = _fake_align_run("sft", "smollm2-135m", tmp_path)
+        args[5] = _hand_logged_align_run("sft", "smollm2-135m", tmp_path)
     elif case == "no-adapter":
-        args[3] = _fake_align_run("dpo", "tiny", tmp_path, adapter=False)
+        args[3] = _hand_logged_align_run("dpo", "tiny", tmp_path, adapter=False)
     elif case == "no-aligned-run":
         args = ["--model", "tiny", "--experiment", "empty", "--sft-run", store["sft"]]
     before = set(_expo_runs())
