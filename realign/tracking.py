@@ -35,6 +35,8 @@ TAG_COMPLETE = "realign.complete"  # set last, after every artifact is logged
 TAG_ADAPTER_BASE = "realign.adapter_base"  # run ids whose adapters must be merged into the base first
 TAG_OUTPUT = "realign.output"  # which artifact holds the run's model: "adapter" (PEFT) or "model" (full weights)
 TAG_SWEEP = "realign.sweep"  # on a parent run: the parameter its child runs sweep (expo: alpha)
+TAG_CODE_VERSION = "realign.code_version"  # hash of the code and presets that made the run (pipeline reuse)
+TAG_PIPELINE = "realign.pipeline"  # on a pipeline's parent run: the experiment file it ran
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "realign"
 
@@ -165,6 +167,17 @@ class StageRun:
     def log_table(self, data: dict[str, list] | Any, artifact_file: str) -> None:
         _mlflow().log_table(data, artifact_file=artifact_file)
 
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """A plotly figure as a self-contained HTML file (plotly.js embedded: it opens offline in the UI)."""
+        path = self.workdir / "figures" / Path(artifact_file).name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.write_html(str(path), include_plotlyjs=True, full_html=True)
+        parent = str(Path(artifact_file).parent)
+        _mlflow().log_artifact(str(path), None if parent == "." else parent)
+
+    def log_file(self, local_path: str | Path, artifact_dir: str | None = None) -> None:
+        _mlflow().log_artifact(str(local_path), artifact_dir)
+
     def mark_complete(self) -> None:
         _mlflow().set_tag(TAG_COMPLETE, "true")
 
@@ -179,6 +192,22 @@ class StageRun:
         run.local_dir = local_dir
         self.set_tags({f"{TAG_SOURCE}{role}": run.run_id})
         return run
+
+    def model_of(self, source: InputRun, model_cfg: Any) -> tuple[Any, list[str]]:
+        """(model config, adapter dirs) that rebuild `source`'s weights with `models.load_model`.
+
+        A run that logged full weights (`realign.output` = model: merged EXPO, fused models) is a local model dir;
+        any other run is the base plus its adapter chain. `source` may be resolved with `artifact=None`.
+        """
+        import dataclasses
+
+        if source.tags.get(TAG_OUTPUT) == "model":
+            model_dir = download_artifact(source.run_id, "model", self.workdir / f"model-{source.run_id}", source.role)
+            return dataclasses.replace(model_cfg, source="local", path=str(model_dir)), []
+        if source.local_dir is None:
+            source.local_dir = download_artifact(source.run_id, "adapter", self.workdir / f"input-{source.role}",
+                                                 source.role)
+        return model_cfg, self.adapter_chain(source)
 
     def adapter_chain(self, source: InputRun) -> list[str]:
         """Local adapter dirs that rebuild `source`'s weights: the adapters merged under it, then its own."""
@@ -226,6 +255,30 @@ def download_artifact(run_id: str, artifact: str, dst: Path, role: str) -> Path:
         raise RealignError(f"{role} run {run_id} has no {artifact}/ artifact",
                            "pass a run that logged one (its stage must have finished)") from None
     return Path(path)
+
+
+def search_runs(experiment: str = DEFAULT_EXPERIMENT, filter_string: str = ""):
+    """The runs of `experiment` that match `filter_string`, newest first, as MLflow's pandas DataFrame.
+
+    One row per run; columns run_id, status, start_time, tags.*, params.*, metrics.* (latest values). Under
+    `mlflow run` the experiment is the one it chose. An experiment that does not exist gives an empty frame.
+    """
+    import pandas as pd
+
+    mlflow = _mlflow()
+    open_store()
+    experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if not experiment_id:
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            return pd.DataFrame()
+        experiment_id = exp.experiment_id
+    try:
+        return mlflow.search_runs(experiment_ids=[experiment_id], filter_string=filter_string,
+                                  order_by=["attributes.start_time DESC"], output_format="pandas")
+    except Exception as err:  # a malformed filter is the user's typo, not a crash
+        raise RealignError(f"cannot search runs with filter {filter_string!r}: {_one_line(err)[:200]}",
+                           "write an MLflow filter such as tags.`realign.base_model` = 'smollm2-135m'") from None
 
 
 def latest_run(stage: str, base_model: str, method: str | None = None, experiment: str = DEFAULT_EXPERIMENT) -> str | None:
@@ -279,7 +332,7 @@ def _ended_when_done(ctx: StageRun, run_name: str | None) -> Iterator[StageRun]:
     """Tag and name the active run, then end it: FINISHED, or FAILED (KILLED on Ctrl-C) with the error tagged."""
     mlflow = _mlflow()
     try:
-        ctx.set_tags({TAG_STAGE: ctx.stage})
+        ctx.set_tags({TAG_STAGE: ctx.stage, TAG_CODE_VERSION: code_version()})
         if run_name:
             ctx.set_name(run_name)
         yield ctx
@@ -320,6 +373,102 @@ def copy_evaluation(run_id: str, metrics: dict[str, float], judge: str) -> None:
     client = _mlflow().MlflowClient()
     client.log_batch(run_id, metrics=[_metric(k, v, 0, now) for k, v in metrics.items()],
                      tags=[RunTag(TAG_JUDGE, judge)])
+
+
+_CODE_VERSION: str | None = None
+
+
+def code_version() -> str:
+    """A hash of realign's own source and presets (realign/**/*.py, conf/**/*.yaml): equal hashes, same code.
+
+    Not the git commit: an installed package has none, and a checkout with local edits would share one.
+    """
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        import hashlib
+
+        import realign
+        from realign.config import conf_dir
+
+        digest = hashlib.sha256()
+        package = Path(realign.__file__).parent
+        files = [(f"realign/{p.relative_to(package)}", p) for p in package.rglob("*.py")]
+        files += [(f"conf/{p.relative_to(conf_dir())}", p) for p in conf_dir().rglob("*.yaml")]
+        for name, path in sorted(files):
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+        _CODE_VERSION = digest.hexdigest()[:16]
+    return _CODE_VERSION
+
+
+def find_reusable_run(stage: str, params: dict[str, str], experiment: str) -> str | None:
+    """The newest FINISHED, complete run of `stage` made by this code whose params include exactly `params`.
+
+    RUNNING, FAILED, KILLED and incomplete runs never match: their artifacts may be half-written.
+    """
+    mlflow = _mlflow()
+    experiment_id = _experiment_id(experiment)
+    if experiment_id is None:
+        return None
+    query = (f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_COMPLETE}` = 'true' "
+             f"and tags.`{TAG_CODE_VERSION}` = '{code_version()}' and attributes.status = 'FINISHED'")
+    for run in mlflow.MlflowClient().search_runs([experiment_id], query, order_by=["attributes.start_time DESC"]):
+        logged = run.data.params
+        if all(logged.get(key) == value for key, value in params.items()):
+            return run.info.run_id
+    return None
+
+
+def _experiment_id(experiment: str) -> str | None:
+    exp = _mlflow().get_experiment_by_name(experiment)
+    return exp.experiment_id if exp is not None else None
+
+
+@contextlib.contextmanager
+def parent_run(name: str, experiment: str, tags: dict[str, str]) -> Iterator[str]:
+    """A run that groups stage runs (a pipeline): not the active run, so each stage opens its own.
+
+    Under `mlflow run` the run it created (MLFLOW_RUN_ID) is the parent. FINISHED when the body returns,
+    FAILED (KILLED on Ctrl-C) with the error tagged when it raises.
+    """
+    mlflow = _mlflow()
+    open_store()
+    client = mlflow.MlflowClient()
+    resumed = os.environ.get("MLFLOW_RUN_ID")
+    if resumed:
+        run_id = resumed
+        client.set_tag(run_id, "mlflow.runName", name)
+    else:
+        experiment_id = _experiment_id(experiment) or client.create_experiment(experiment)
+        run_id = client.create_run(experiment_id, run_name=name).info.run_id
+    for key, value in {TAG_CODE_VERSION: code_version(), **tags}.items():
+        client.set_tag(run_id, key, str(value))
+    try:
+        with _env_without("MLFLOW_RUN_ID"):  # stages open runs of their own
+            yield run_id
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            client.set_tag(run_id, TAG_ERROR, _one_line(err) if not isinstance(err, KeyboardInterrupt) else "interrupted")
+        client.set_terminated(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    else:
+        client.set_tag(run_id, TAG_COMPLETE, "true")
+        client.set_terminated(run_id, "FINISHED")
+
+
+def experiment_of(run_id: str) -> str:
+    """The name of the experiment that holds `run_id`."""
+    client = _mlflow().MlflowClient()
+    return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+
+
+def nest_under(run_id: str, parent_id: str) -> None:
+    """Show `run_id` under `parent_id` in the UI (MLflow's own nesting tag)."""
+    _mlflow().MlflowClient().set_tag(run_id, "mlflow.parentRunId", parent_id)
+
+
+def log_parent_table(parent_id: str, data: dict[str, list], artifact_file: str) -> None:
+    """A table artifact on a run that is not the active one (the pipeline's parent)."""
+    _mlflow().MlflowClient().log_table(parent_id, data=data, artifact_file=artifact_file)
 
 
 @contextlib.contextmanager

@@ -182,6 +182,18 @@ def test_attack_and_evaluate_take_an_expo_run_like_an_align_run(store):
     assert attack.data.tags[tracking.TAG_ADAPTER_BASE] == f"{store['sft']},{expo_id}"
 
 
+def test_evaluate_takes_a_merged_expo_run_from_its_full_weights(store):
+    from realign.stages.evaluate import run_evaluate
+
+    expo_id = run_expo({**EXPO, "aligned_run": store["dpo_base"], "sft_run": store["sft"], "alpha": "0.5",
+                        "eval.task": "sst2"})
+    assert mlflow.get_run(expo_id).data.tags[tracking.TAG_OUTPUT] == "model"
+    eval_id = run_evaluate({**EXPO, "run": expo_id, "eval.task": "sst2"})
+    expo_metrics, eval_metrics = mlflow.get_run(expo_id).data.metrics, mlflow.get_run(eval_id).data.metrics
+    for key in ("harmful_score", "refusal_rate", "benign_refusal_rate", "sst2_accuracy"):
+        assert eval_metrics[key] == expo_metrics[key], key
+
+
 def test_alpha_list_makes_one_child_run_per_alpha_under_a_parent(store):
     before = set(_expo_runs())
     parent_id = run_expo({**EXPO, "aligned_run": store["dpo"], "sft_run": store["sft"], "alpha": "0.1,0.5"})

@@ -104,27 +104,32 @@ def evaluate_and_log(run: tracking.StageRun, model_cfg, adapters: list[str], set
     return result
 
 
+def resolve_evaluate_config(overrides: dict[str, Any]) -> EvaluateConfig:
+    cfg = resolve_stage_config(EvaluateConfig, "evaluate", overrides.get("recipe") or "default", overrides)
+    check_judge(cfg.eval.judge)
+    check_task(cfg.eval.task)
+    return cfg
+
+
 def run_evaluate(overrides: dict[str, Any]) -> str:
     """Evaluate the base model or a run's adapter in an `evaluate` run; returns that run's id."""
     experiment = overrides.get("experiment") or tracking.DEFAULT_EXPERIMENT
     with tracking.stage_run("evaluate", experiment=experiment) as run:
-        cfg = resolve_stage_config(EvaluateConfig, "evaluate", overrides.get("recipe") or "default", overrides)
-        check_judge(cfg.eval.judge)
-        check_task(cfg.eval.task)
+        cfg = resolve_evaluate_config(overrides)
         run.set_tags({tracking.TAG_BASE_MODEL: cfg.model.name})
         run.log_config(cfg)
         target = None
-        adapters: list[str] = []
+        model_cfg, adapters = cfg.model, []
         if cfg.run not in ("", "base"):
-            target = run.resolve_input(cfg.run, "model", EVALUATED_STAGES, cfg.model.name)
-            adapters = run.adapter_chain(target)
+            target = run.resolve_input(cfg.run, "model", EVALUATED_STAGES, cfg.model.name, artifact=None)
+            model_cfg, adapters = run.model_of(target, cfg.model)
             name = target.tags.get("mlflow.runName", target.run_id)
         else:
             name = "base"
         task = cfg.eval.task or (target.tags.get(tracking.TAG_TASK, "") if target else "")
         run.set_name(f"evaluate/{name}")
         run.set_tags({tracking.TAG_METHOD: cfg.eval.judge})
-        result = evaluate_and_log(run, cfg.model, adapters, cfg.eval, task=task)
+        result = evaluate_and_log(run, model_cfg, adapters, cfg.eval, task=task)
         if target is not None:
             tracking.copy_evaluation(target.run_id, result.metrics, result.judge)
         run.mark_complete()
