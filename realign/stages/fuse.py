@@ -1,0 +1,450 @@
+"""`fuse` stage: restore the safety an attack removed by fusing the attacked model with a safety reference.
+
+Inputs, all by run id: `finetuned_run` (an attack run), `reference_run` (an align or expo run), optionally `mask_run`
+(a score run whose `masks/` restrict the fusion to a safety-critical region). The math is in `realign.ops.merge`;
+this module checks every input before any weight is loaded, then picks the form that fits the inputs:
+
+- ``full``: θ_ft = base + the attack run's adapter chain, θ_ref = base + the reference's chain (or an expo run's
+  `model/`), θ0 = the base model. Each input is materialized once as safetensors in the run's workdir, then fused
+  tensor by tensor in row chunks into safetensors shards, logged with config and tokenizer as a transformers model
+  dir under `model/` (`realign.output=model`): memory stays near one model, not one per input.
+- ``lora``: when both adapters sit on the same merged model (equal `realign.adapter_base`) with the same LoRA config,
+  `restore` transplants LoRA A/B entries (NLSR's own setting; a mask must then be a `target=lora` score), logged as a
+  PEFT dir under `adapter/` with that `realign.adapter_base`. ``mode=lora`` also fuses the task-arithmetic methods
+  this way, factor by factor (as PEFT's `add_weighted_adapter` does), which is not the same as fusing the weights:
+  `auto` uses it for `restore` only.
+
+NLSR's adaptive layer selection (`adaptive`, for `restore`) measures per module the similarity of the fine-tuned
+and reference updates inside the region, both taken from the model they were trained from (the common start of
+their adapter chains, each without its own last adapter: the SFT model in the default chain, as in NLSR where both
+LoRAs sit on the SFT model; the base model when they share nothing), and draws the modules to transplant
+(`realign.ops.merge.replacement_probabilities`).
+
+The run (`fuse/<method>/<granularity|full>`) holds the fused artifact, `changed_fraction` (entries that differ from
+the fine-tuned model) overall and `changed_fraction/layer_<i>`, the evaluation of the fused model (loaded fresh from
+what is logged) and, for comparison in the UI, the attacked model's own numbers as `attacked_harmful_score` and
+`attacked_finetune_accuracy` when they were judged by the same judge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from realign import models, tracking
+from realign.config import FuseConfig, ModelConfig, resolve_stage_config
+from realign.errors import RealignError
+from realign.ops import masks as region_files
+from realign.ops import merge as merge_ops
+from realign.stages.evaluate import check_judge, check_task, evaluate_and_log
+
+REFERENCE_STAGES = ("align", "expo")
+LORA_CONFIG_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "bias")
+FULL_WEIGHT_FILES = ("config.json", "generation_config.json")
+
+
+def resolve_fuse_config(overrides: dict[str, Any]) -> FuseConfig:
+    cfg = resolve_stage_config(FuseConfig, "fuse", overrides.get("recipe") or "default", overrides)
+    if cfg.method not in merge_ops.MERGE_METHODS:
+        raise RealignError(f"unknown fusion method {cfg.method!r}", f"use one of: {', '.join(merge_ops.MERGE_METHODS)}")
+    check_judge(cfg.eval.judge)
+    check_task(cfg.eval.task)
+    return cfg
+
+
+def merge_params(cfg: FuseConfig) -> merge_ops.MergeParams:
+    return merge_ops.MergeParams(weights=tuple(cfg.weights), scale=cfg.scale, density=cfg.density,
+                                 tall_lambda=cfg.tall_lambda, consensus_k=cfg.consensus_k)
+
+
+def fuse_run_name(method: str, granularity: str) -> str:
+    return f"fuse/{method}/{granularity or 'full'}"
+
+
+@dataclass
+class FuseInputs:
+    """The checked input runs, their local artifacts, the region and the chosen mode; no weights loaded."""
+
+    finetuned: tracking.InputRun
+    reference: tracking.InputRun
+    mask: tracking.InputRun | None
+    finetuned_chain: list[str]  # local adapter dirs: base + these = θ_ft
+    reference_chain: list[str]  # local adapter dirs (reference output "adapter")
+    reference_model_dir: Path | None  # reference output "model": its full weights
+    mode: str  # "full" | "lora"
+    granularity: str  # "" (no region) | neurons | ranks | heads
+    region: merge_ops.Region | None
+    region_target: str  # "weights" | "lora" | ""
+    param_order: dict[str, int] = field(default_factory=dict)  # the model's parameter order (NLSR draws in it)
+    selected_heads: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def reference_ids(self) -> list[str]:
+        return [*self.reference.adapter_base, self.reference.run_id] if self.reference_model_dir is None else []
+
+    @property
+    def finetuned_ids(self) -> list[str]:
+        return [*self.finetuned.adapter_base, self.finetuned.run_id]
+
+
+@dataclass
+class FuseResult:
+    changed: dict[str, tuple[int, int]]
+    eval_model: ModelConfig
+    eval_adapters: list[str]
+    artifact_dir: Path
+    modules_table: dict[str, list] | None = None
+
+
+def run_fuse(overrides: dict[str, Any]) -> str:
+    """Fuse an attack run with a safety reference (inside a score run's region); returns the fuse run's id."""
+    experiment = overrides.get("experiment") or tracking.DEFAULT_EXPERIMENT
+    with tracking.stage_run("fuse", experiment=experiment) as run:
+        cfg = resolve_fuse_config(overrides)
+        run.set_tags({tracking.TAG_BASE_MODEL: cfg.model.name, tracking.TAG_METHOD: cfg.method})
+        run.log_config(cfg)
+        inputs = resolve_inputs(cfg, run)
+        run.set_name(fuse_run_name(cfg.method, inputs.granularity))
+        task = cfg.eval.task or inputs.finetuned.tags.get(tracking.TAG_TASK, "")
+        run.set_tags({tracking.TAG_TASK: task} if task else {})
+        run.log_params({"fuse.mode": inputs.mode, "fuse.granularity": inputs.granularity or "full"})
+        if inputs.selected_heads:
+            run.log_params({"fuse.heads": len(inputs.selected_heads)})
+
+        # The heavy part starts only now, after every check passed.
+        result = fuse_lora(cfg, inputs, run) if inputs.mode == "lora" else fuse_full(cfg, inputs, run)
+        log_changes(run, result)
+        if inputs.mode == "lora":
+            run.set_tags({tracking.TAG_ADAPTER_BASE: ",".join(inputs.finetuned.adapter_base),
+                          tracking.TAG_OUTPUT: "adapter"})
+        else:
+            run.set_tags({tracking.TAG_ADAPTER_BASE: "", tracking.TAG_OUTPUT: "model"})
+
+        if cfg.eval.enabled:
+            import torch
+
+            torch.manual_seed(cfg.seed)
+            # Loaded fresh from what is about to be logged: the numbers belong to the artifact, not to memory.
+            evaluate_and_log(run, result.eval_model, result.eval_adapters, cfg.eval, task=task)
+            log_attacked_numbers(run, inputs.finetuned, cfg.eval.judge)
+        if inputs.mode == "lora":
+            run.log_adapter(result.artifact_dir)
+        else:
+            run.log_dir(result.artifact_dir, "model")
+        run.mark_complete()
+        return run.run_id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs: every check before any weight is loaded
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resolve_inputs(cfg: FuseConfig, run: tracking.StageRun) -> FuseInputs:
+    base = cfg.model.name
+    finetuned = run.resolve_input(cfg.finetuned_run, "finetuned", ("attack",), base)
+    reference_run = tracking.resolve_run(cfg.reference_run, "reference", REFERENCE_STAGES, base)
+    reference_output = reference_run.tags.get(tracking.TAG_OUTPUT, "adapter")
+    reference = run.resolve_input(cfg.reference_run, "reference", REFERENCE_STAGES, base,
+                                  artifact="model" if reference_output == "model" else "adapter")
+    mask = run.resolve_input(cfg.mask_run, "mask", ("score",), base, artifact="masks") if cfg.mask_run else None
+    if mask is None and cfg.granularity:
+        raise RealignError(f"granularity={cfg.granularity} needs a region", "pass --mask_run <score run id>")
+
+    finetuned_chain = run.adapter_chain(finetuned)
+    reference_chain = run.adapter_chain(reference) if reference_output != "model" else []
+    reference_model_dir = Path(reference.local_dir) if reference_output == "model" else None
+    if reference_model_dir is not None and not (reference_model_dir / "config.json").is_file():
+        raise RealignError(f"reference run {reference.run_id} has a model/ artifact without config.json",
+                           "pass a run whose stage finished and logged a full model")
+
+    config, param_shapes = model_layout(cfg.model)
+    inputs = FuseInputs(finetuned, reference, mask, finetuned_chain, reference_chain, reference_model_dir,
+                        mode="full", granularity="", region=None, region_target="",
+                        param_order={name: i for i, name in enumerate(param_shapes)})
+    if mask is not None:
+        load_checked_region(cfg, inputs, config, param_shapes)
+    inputs.mode = choose_mode(cfg, inputs)
+    return inputs
+
+
+def model_layout(model_cfg: ModelConfig):
+    """(transformers config, {parameter name: shape} in the model's order), from the config alone (meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    options = models.hub_options(model_cfg)
+    config = AutoConfig.from_pretrained(models.resolve_model_dir(model_cfg), **options)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=options["trust_remote_code"])
+    return config, {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+
+
+def load_checked_region(cfg: FuseConfig, inputs: FuseInputs, config, param_shapes: dict[str, tuple]) -> None:
+    """The score run's region file for `cfg.granularity`, checked against the model: architecture, then shapes."""
+    mask = inputs.mask
+    folder = Path(mask.local_dir)
+    score_method = mask.method
+    heads = cfg.granularity == "heads"
+    file = folder / (f"{score_method}.heads.safetensors" if heads else f"{score_method}.safetensors")
+    if not file.is_file():
+        present = ", ".join(sorted(p.name for p in folder.glob("*.safetensors"))) or "none"
+        raise RealignError(f"mask run {mask.run_id} has no masks/{file.name} (it holds: {present})",
+                           "pass a score run that logged it" + (", or drop --granularity heads" if heads else ""))
+    try:
+        tensors, metadata = region_files.load_region(file)
+    except ValueError as err:
+        raise RealignError(f"mask run {mask.run_id}: {err}", "pass a score run's masks") from None
+    architecture = region_files.architecture_id(config)
+    if metadata.get("realign.architecture") != architecture:
+        raise RealignError(f"mask run {mask.run_id} was scored on architecture "
+                           f"{metadata.get('realign.architecture', 'unknown')!r}, the model is {architecture!r}",
+                           f"pass a score run of {cfg.model.name}")
+    kind = metadata["realign.kind"]
+    if cfg.granularity and kind != cfg.granularity:
+        raise RealignError(f"mask run {mask.run_id}'s masks/{file.name} holds a {kind} region, not {cfg.granularity}",
+                           f"pass --granularity {kind}, heads, or another score run")
+    target = metadata.get("realign.target", "weights")
+    inputs.granularity, inputs.region_target = kind, target if kind != "heads" else "weights"
+
+    if kind == "heads":
+        check_head_scores(tensors, config, mask.run_id)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_masks, inputs.selected_heads = merge_ops.head_masks(tensors, cfg.top_heads, head_dim, param_shapes)
+        inputs.region = merge_ops.Region("heads", masks=head_masks)
+        return
+    shapes = param_shapes if target == "weights" else adapter_shapes(Path(inputs.finetuned.local_dir))
+    try:
+        region_files.check_region_shapes(tensors, kind, shapes)
+    except ValueError as err:
+        what = "the model" if target == "weights" else f"finetuned run {inputs.finetuned.run_id}'s adapter"
+        raise RealignError(f"mask run {mask.run_id} does not fit {what}: {err}",
+                           "pass a score run of the same model (and, for target=lora, of the same LoRA shape)") from None
+    inputs.region = merge_ops.region_from_file(tensors, kind)
+
+
+def check_head_scores(tensors: dict, config, run_id: str) -> None:
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    for key, scores in tensors.items():
+        parts = key.split(".")
+        if not (len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+                and int(parts[2]) < layers and parts[3] == "self_attn"):
+            raise RealignError(f"mask run {run_id}'s head scores name {key!r}, not an attention block of the model",
+                               "pass a score run of the same model")
+        if scores.numel() != heads:
+            raise RealignError(f"mask run {run_id} scores {scores.numel()} heads in {key}, the model has {heads}",
+                               "pass a score run of the same model")
+
+
+def adapter_shapes(adapter_dir: Path) -> dict[str, tuple]:
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as handle:
+        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+
+
+def choose_mode(cfg: FuseConfig, inputs: FuseInputs) -> str:
+    """lora when both adapters sit on the same merged model with the same LoRA config (and the region, if any,
+    is over LoRA entries); `auto` picks it for restore only; full otherwise."""
+    reason = lora_ineligibility(inputs)
+    if inputs.region_target == "lora":
+        if reason:
+            raise RealignError(f"mask run {inputs.mask.run_id} marks LoRA A/B entries, but {reason}",
+                               "pass a score run with --target weights")
+        if cfg.mode == "full":
+            raise RealignError(f"mask run {inputs.mask.run_id} marks LoRA A/B entries, which full mode cannot use",
+                               "drop --mode full, or pass a score run with --target weights")
+        return "lora"
+    if cfg.mode == "lora":
+        if reason:
+            raise RealignError(f"mode=lora needs adapters on one base model, but {reason}", "pass --mode full or auto")
+        if inputs.region is not None:
+            raise RealignError(f"mask run {inputs.mask.run_id} marks merged weights, which lora mode cannot use",
+                               "pass --mode full or auto, or a score run with --target lora")
+        return "lora"
+    if cfg.mode == "auto" and cfg.method == "restore" and inputs.region is None and not reason:
+        return "lora"
+    return "full"
+
+
+def lora_ineligibility(inputs: FuseInputs) -> str:
+    """Why the two adapters cannot be fused entry by entry, or "" when they can."""
+    ft, ref = inputs.finetuned, inputs.reference
+    if inputs.reference_model_dir is not None:
+        return f"reference run {ref.run_id} holds full weights"
+    if ft.adapter_base != ref.adapter_base:
+        return (f"the finetuned adapter sits on runs [{', '.join(ft.adapter_base)}] and the reference on "
+                f"[{', '.join(ref.adapter_base)}]")
+    ft_config = json.loads((Path(ft.local_dir) / "adapter_config.json").read_text())
+    ref_config = json.loads((Path(ref.local_dir) / "adapter_config.json").read_text())
+    for key in LORA_CONFIG_KEYS:
+        if ft_config.get(key) != ref_config.get(key):
+            return f"their LoRA {key} differs ({ft_config.get(key)} vs {ref_config.get(key)})"
+    if sorted(ft_config.get("target_modules") or []) != sorted(ref_config.get("target_modules") or []):
+        return "their LoRA target_modules differ"
+    if ft_config.get("use_dora"):
+        return "DoRA adapters are not plain A/B updates"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fusion
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fuse_lora(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun) -> FuseResult:
+    """Fuse the two adapters' A/B tensors (θ0 = the zero update of their shared base) into a PEFT dir."""
+    from safetensors.torch import load_file, save_file
+
+    ft_dir, ref_dir = Path(inputs.finetuned.local_dir), Path(inputs.reference.local_dir)
+    ft_state = load_file(str(ft_dir / "adapter_model.safetensors"))
+    ref_state = load_file(str(ref_dir / "adapter_model.safetensors"))
+    plan = merge_ops.FusionPlan(merge_ops.get_merge_method(cfg.method), merge_params(cfg), inputs.region)
+    table = None
+    if cfg.method == "restore" and cfg.adaptive:
+        modules = sorted(merge_ops.lora_module_names(ft_state), key=lambda m: _model_position(inputs, m))
+        similarities = merge_ops.lora_update_similarities(ft_state, ref_state, modules, inputs.region)
+        table, chosen = _adaptive_selection(cfg, modules, similarities)
+        plan.replaced = frozenset(f"{m}.lora_{part}.weight" for m in chosen for part in ("A", "B"))
+    try:
+        fused, changed = merge_ops.fuse_state_dicts(plan, None, ft_state, ref_state)
+    except ValueError as err:
+        raise RealignError(f"the finetuned and reference adapters do not match: {err}",
+                           "pass --mode full to fuse their merged weights") from None
+    out_dir = run.workdir / "fused" / "adapter"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(fused, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    shutil.copyfile(ft_dir / "adapter_config.json", out_dir / "adapter_config.json")
+    return FuseResult(changed, cfg.model, [*inputs.finetuned_chain[:-1], str(out_dir)], out_dir, table)
+
+
+def fuse_full(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun) -> FuseResult:
+    """Materialize each input once as safetensors, then fuse them tensor by tensor into a transformers model dir."""
+    method = merge_ops.get_merge_method(cfg.method)
+    work = run.workdir
+    finetuned_dir = weights_dir(cfg.model, inputs.finetuned_chain, work / "finetuned")
+    reference_dir = inputs.reference_model_dir or weights_dir(cfg.model, inputs.reference_chain, work / "reference")
+    base_dir = weights_dir(cfg.model, [], work / "base") if method.kind == "task_arithmetic" else None
+    plan = merge_ops.FusionPlan(method, merge_params(cfg), inputs.region)
+    out_dir = work / "fused" / "model"
+    table = None
+    with merge_ops.WeightFiles(finetuned_dir) as ft_files, merge_ops.WeightFiles(reference_dir) as ref_files:
+        if cfg.method == "restore" and cfg.adaptive:
+            anchor_dir = weights_dir(cfg.model, common_chain(inputs), work / "anchor")
+            names = adaptive_candidates(inputs, ft_files.names)
+            with merge_ops.WeightFiles(anchor_dir) as anchor_files:
+                similarities = merge_ops.stream_similarities(names, ft_files, ref_files, anchor_files, inputs.region,
+                                                             progress=True)
+            table, chosen = _adaptive_selection(cfg, names, similarities)
+            plan.replaced = frozenset(chosen)
+        base_files = merge_ops.WeightFiles(base_dir) if base_dir is not None else None
+        try:
+            changed = merge_ops.stream_fusion(plan, merge_ops.StreamInputs(ft_files, ref_files, base_files), out_dir,
+                                              progress=True)
+        except ValueError as err:
+            raise RealignError(f"the finetuned and reference weights do not match: {err}",
+                               "pass runs of the same model") from None
+        finally:
+            if base_files is not None:
+                base_files.close()
+    for name in FULL_WEIGHT_FILES:
+        if (Path(finetuned_dir) / name).is_file():
+            shutil.copyfile(Path(finetuned_dir) / name, out_dir / name)
+    models.load_tokenizer(cfg.model).save_pretrained(out_dir)
+    eval_model = dataclasses.replace(cfg.model, source="local", path=str(out_dir))
+    return FuseResult(changed, eval_model, [], out_dir, table)
+
+
+def weights_dir(model_cfg: ModelConfig, adapters: list[str], out_dir: Path) -> str:
+    """A local dir of safetensors weights for base + `adapters` (merged and saved once; the base's own dir when
+    there is nothing to merge and it is local)."""
+    if not adapters:
+        directory = models.resolve_model_dir(model_cfg)
+        if Path(directory).is_dir() and any(Path(directory).glob("*.safetensors")):
+            return directory
+        model = models.load_model(model_cfg, device="cpu")  # a hub id: saved once as local safetensors
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        del model
+        return str(out_dir)
+    return models.materialize_merged(model_cfg, adapters, out_dir)
+
+
+def common_chain(inputs: FuseInputs) -> list[str]:
+    """Local adapter dirs of the model both were trained from: the longest common start of the two adapter chains,
+    each without its own last adapter. NLSR measures the two updates from there (the SFT model, for an attack on
+    DPO-on-SFT and a reference that is that DPO run or its EXPO); a reference that is itself an ancestor of the
+    attacked model still has an update of its own."""
+    common: list[str] = []
+    pairs = zip(inputs.finetuned_ids[:-1], inputs.reference_ids[:-1])
+    for position, (ft_id, ref_id) in enumerate(pairs):
+        if ft_id != ref_id:
+            break
+        common.append(inputs.finetuned_chain[position])
+    return common
+
+
+def adaptive_candidates(inputs: FuseInputs, names: list[str]) -> list[str]:
+    """The modules NLSR's selection draws among, in the model's order: the region's parameters, or without a
+    region every 2-D weight of the decoder layers (the linear layers LoRA adapts)."""
+    if inputs.region is not None:
+        candidates = [name for name in names if inputs.region.covers(name)]
+    else:
+        layout = inputs.param_order
+        candidates = [name for name in names if merge_ops.layer_of(name) is not None and name.endswith(".weight")
+                      and name in layout and not name.endswith("layernorm.weight")]
+    return sorted(candidates, key=lambda name: inputs.param_order.get(name, len(inputs.param_order)))
+
+
+def _model_position(inputs: FuseInputs, lora_module: str) -> int:
+    """A LoRA module's place in the model (PEFT names it base_model.model.<module>)."""
+    weight = lora_module.removeprefix("base_model.model.") + ".weight"
+    return inputs.param_order.get(weight, len(inputs.param_order))
+
+
+def _adaptive_selection(cfg: FuseConfig, modules: list[str], similarities: list[float]):
+    probabilities = merge_ops.replacement_probabilities(similarities, cfg.prune_rate, cfg.epsilon,
+                                                        dissimilar_first=cfg.dissimilar_first)
+    replaced = merge_ops.sample_replaced(probabilities, cfg.seed)
+    table = {"module": list(modules), "similarity": [float(s) for s in similarities],
+             "probability": [float(p) for p in probabilities], "replaced": [bool(r) for r in replaced]}
+    return table, [m for m, r in zip(modules, replaced.tolist()) if r]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def log_changes(run: tracking.StageRun, result: FuseResult) -> None:
+    """changed_fraction overall and per layer, its figure, and NLSR's per-module draw when there was one."""
+    overall, per_layer = merge_ops.changed_fractions(result.changed)
+    metrics = {"changed_fraction": overall, **{f"changed_fraction/layer_{i}": f for i, f in per_layer.items()}}
+    if result.modules_table is not None:
+        replaced = sum(result.modules_table["replaced"])
+        metrics["replaced_modules"] = replaced
+        metrics["replaced_module_fraction"] = replaced / max(len(result.modules_table["replaced"]), 1)
+        run.log_table(result.modules_table, "fuse/modules.json")
+    run.log_metrics(metrics)
+    if per_layer:
+        import plotly.graph_objects as go
+
+        figure = go.Figure(go.Bar(x=list(per_layer), y=[100 * f for f in per_layer.values()]))
+        figure.update_layout(title="Weights changed by the fusion, per layer", xaxis_title="layer",
+                             yaxis_title="changed (% of the layer's entries)")
+        run.log_figure(figure, "figures/changed_fraction.html")
+
+
+def log_attacked_numbers(run: tracking.StageRun, finetuned: tracking.InputRun, judge: str) -> None:
+    """The attacked model's own numbers next to the fused model's, when the same judge produced them."""
+    if finetuned.tags.get(tracking.TAG_JUDGE) != judge:
+        return
+    numbers = tracking.run_metrics(finetuned.run_id)
+    picked = {f"attacked_{key}": numbers[key] for key in ("harmful_score", "finetune_accuracy", "refusal_rate")
+              if key in numbers}
+    if picked:
+        run.log_metrics(picked)
