@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import click
 
@@ -23,6 +24,9 @@ def _process_defaults() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # A deprecation inside transformers that PEFT/torch attribute scans trigger: noise around the one line a bad
+    # input gets, and nothing the user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
     # MLflow's store chatter (table creation, new experiment) would bury the one line a bad input gets.
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -124,6 +128,80 @@ def expo(ctx: click.Context, **named) -> None:
     from realign.stages.expo import run_expo
 
     _run_with_overrides(run_expo, named, ctx.args)
+
+
+@main.command(context_settings=EXTRA_ARGS)
+@click.option("--method", help="snip | wanda (default) | set_difference | actsvd | lora_actsvd")
+@click.option("--model-run", "--model_run", "model_run",
+              help="align or expo run whose weights are scored (default: the base model)")
+@click.option("--target", help="weights (the merged model, default) | lora (the run's own LoRA A/B matrices)")
+@click.option("--sparsity", help="fraction of each weight matrix selected, in (0, 1) (snip, wanda, lora_actsvd)")
+@click.option("--top-q", "--top_q", "top_q", help="set_difference: top-q of the safety score, in (0, 1)")
+@click.option("--top-p", "--top_p", "top_p", help="set_difference: minus the top-p of the utility score, in (0, 1)")
+@click.option("--rank", help="actsvd: safety ranks r_s per matrix (--utility_rank r_u projects them off utility)")
+@click.option("--nsamples", help="calibration examples per data set")
+@click.option("--seed", help="calibration sampling and the sanity check's random selection (default 0)")
+@click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
+@click.option("--recipe", help="conf/score/<recipe>.yaml (default; nlsr for GPUs)")
+@click.option("--experiment", help="MLflow experiment name (default realign)")
+@click.pass_context
+def score(ctx: click.Context, **named) -> None:
+    """Safety-critical weights (SNIP, Wanda, set difference, ActSVD, NLSR's LoRA ActSVD) as masks, sanity-checked."""
+    from realign.stages.score import run_score
+
+    _run_with_overrides(run_score, named, ctx.args)
+
+
+@main.command(context_settings=EXTRA_ARGS)
+@click.option("--name", help="conf/experiments/<name>.yaml or a path to an experiment file (default: default)")
+@click.option("--model", help="conf/model/<preset>.yaml for every step (default: the experiment file's)")
+@click.option("--experiment", help="MLflow experiment name (default: the experiment file's)")
+@click.pass_context
+def pipeline(ctx: click.Context, **named) -> None:
+    """The whole chain of an experiment file, reusing every stage run that already ran with the same config."""
+    from realign.stages.pipeline import run_pipeline
+
+    _run_with_overrides(run_pipeline, named, ctx.args)
+
+
+@main.command(context_settings=EXTRA_ARGS)
+@click.option("--experiment", help="MLflow experiment whose runs are compared (default realign)")
+@click.option("--filter", "filter", help="MLflow search filter on top of FINISHED and complete, "
+                                         "e.g. \"tags.`realign.base_model` = 'smollm2-135m'\"")
+@click.option("--out", help="local folder for dashboard.html and tables/*.csv|md (default: only the compare run)")
+@click.pass_context
+def compare(ctx: click.Context, **named) -> None:
+    """The seed's tables (markdown on stdout, CSV) and plotly dashboards from an experiment's runs."""
+    from realign.stages.compare import run_compare
+
+    _run_with_overrides(run_compare, named, ctx.args)
+
+
+@main.command(context_settings=EXTRA_ARGS)
+@click.option("--finetuned-run", "--finetuned_run", "finetuned_run", help="attack run to repair (required)")
+@click.option("--reference-run", "--reference_run", "reference_run",
+              help="safety reference: an align or expo run (required)")
+@click.option("--mask-run", "--mask_run", "mask_run", help="score run whose region restricts the fusion (optional)")
+@click.option("--method", help="restore (default) | average | task_arithmetic | ties | consensus_ta | consensus_ties")
+@click.option("--granularity", help="neurons | ranks (the score run's own kind, default) | heads")
+@click.option("--weights", help="w of (finetuned, reference), e.g. 1,1")
+@click.option("--scale", help="λ of task arithmetic / ties / consensus, in (0, 1] (default 1)")
+@click.option("--density", help="ties: fraction of each task vector kept, in (0, 1] (default 0.2)")
+@click.option("--tall-lambda", "--tall_lambda", "tall_lambda", help="consensus: TALL mask λ, in (0, 1] (default 0.4)")
+@click.option("--consensus-k", "--consensus_k", "consensus_k", help="consensus: masks that must agree, 1 or 2")
+@click.option("--adaptive", help="restore: NLSR's adaptive layer selection, true | false (default false)")
+@click.option("--prune-rate", "--prune_rate", "prune_rate", help="adaptive: mean replacement probability (0.5)")
+@click.option("--epsilon", help="adaptive: probability spread ε around it (default 0.2)")
+@click.option("--seed", help="adaptive: seed of the draw (default 0)")
+@click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
+@click.option("--recipe", help="conf/fuse/<recipe>.yaml (default)")
+@click.option("--experiment", help="MLflow experiment name (default realign)")
+@click.pass_context
+def fuse(ctx: click.Context, **named) -> None:
+    """Fuse an attacked model with a safety reference (inside a score run's region), evaluated in the same run."""
+    from realign.stages.fuse import run_fuse
+
+    _run_with_overrides(run_fuse, named, ctx.args)
 
 
 if __name__ == "__main__":

@@ -475,3 +475,149 @@ def parse_alphas(value: str) -> list[float]:
             raise RealignError(f"alpha={value!r} lists {item} twice", "list each α once")
         alphas.append(alpha)
     return alphas
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compare
+
+
+@dataclass
+class CompareConfig:
+    """Tables and dashboards from an experiment's finished runs (see realign/dashboards.py)."""
+
+    experiment: str = "realign"  # the experiment whose runs are compared; the compare run is logged there too
+    # An MLflow search filter added to "FINISHED and complete", e.g. tags.`realign.base_model` = 'smollm2-135m'.
+    filter: str = ""
+    out: str = ""  # a local folder for dashboard.html and tables/*.csv|md; "" = only the compare run's artifacts
+
+    def validate(self) -> None:
+        if not self.experiment:
+            raise RealignError("experiment is empty", "pass --experiment <name>, e.g. realign")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# score
+
+
+@dataclass
+class ScoreData:
+    """Calibration data: safety = harmful prompts with safe (refusal) responses; utility = task or instruction data."""
+
+    safety_source: str = "builtin"  # builtin PKU-SafeRLHF-shaped pairs, or PKU-Alignment/PKU-SafeRLHF (hub)
+    utility: str = "benign"  # benign instructions with answers, or a task: sst2 | ag_news | gsm8k | alpaca
+    utility_source: str = "builtin"  # for a task: builtin, hub, or the task's hub id
+    max_length: int = 256  # tokens per example (prompt + response), cut at the end
+    batch_size: int = 4
+
+    def validate(self) -> None:
+        if self.max_length < 2:
+            raise RealignError(f"data.max_length must be >= 2, got {self.max_length}", "pass e.g. --data.max_length 256")
+        _check_positive("data.batch_size", self.batch_size)
+
+
+@dataclass
+class ScoreConfig:
+    """Safety-critical weights of a model as masks (realign/ops/neurons.py has the exact definitions)."""
+
+    method: str = "wanda"  # snip | wanda | set_difference | actsvd | lora_actsvd
+    model_run: str = ""  # align or expo run whose weights are scored; "" or "base" = the base model
+    target: str = "weights"  # weights: the merged model's linear layers; lora: the run's own LoRA A/B matrices
+    sparsity: float = 0.01  # snip, wanda, lora_actsvd: fraction of each weight matrix selected, in (0, 1)
+    top_q: float = 0.01  # set_difference: top-q of the safety score ...
+    top_p: float = 0.01  # ... minus top-p of the utility score, each in (0, 1)
+    difference_score: str = "snip"  # set_difference: the score both sets are ranked by (snip | wanda)
+    rank: int = 10  # actsvd: r_s, safety output directions per matrix (at most min(d_out, d_in))
+    utility_rank: int = 0  # actsvd: r_u, utility directions the safety ranks are projected away from (0 = none)
+    lora_rank_fraction: float = 0.8  # lora_actsvd: directions kept per LoRA matrix, ⌊f · min(d_out, d_in)⌋
+    modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    nsamples: int = 32  # calibration examples per data set
+    seed: int = 0  # calibration sampling and the sanity check's random selection
+    # Scoring state held at once (SNIP's gradient sums, ActSVD's Gram matrices), as a fraction of the model's weight
+    # bytes: more passes over the calibration data when smaller. 0.15 keeps every method's peak resident memory
+    # within 2.5x the weights on SmolLM2 (bench/score_memory.py).
+    state_budget: float = 0.15
+    recipe: str = "default"  # conf/score/<recipe>.yaml
+    model: ModelConfig = field(default_factory=ModelConfig)
+    experiment: str = "realign"
+    data: ScoreData = field(default_factory=ScoreData)
+    # The sanity check: harmful score of the model, of the model with the selected weights zeroed (ranks removed),
+    # and with a random selection of the same size zeroed. eval.enabled=false skips it.
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def validate(self) -> None:
+        for key in ("sparsity", "top_q", "top_p"):
+            value = getattr(self, key)
+            if not 0.0 < value < 1.0:
+                raise RealignError(f"{key}={value} is outside (0, 1)",
+                                   f"pass --{key} as the fraction of each weight matrix to select, e.g. 0.01")
+        _check_choice("target", self.target, ("weights", "lora"))
+        if self.rank < 1:
+            raise RealignError(f"rank={self.rank} must be >= 1", "pass --rank, the safety ranks per matrix, e.g. 10")
+        if self.utility_rank < 0:
+            raise RealignError(f"utility_rank={self.utility_rank} must be >= 0", "pass 0 or more")
+        if not 0.0 < self.lora_rank_fraction <= 1.0:
+            raise RealignError(f"lora_rank_fraction={self.lora_rank_fraction} is outside (0, 1]",
+                               "pass e.g. --lora_rank_fraction 0.8")
+        _check_positive("nsamples", self.nsamples)
+        _check_positive("state_budget", self.state_budget)
+        if not self.modules:
+            raise RealignError("modules is empty", "name at least one linear layer, e.g. q_proj,v_proj")
+        for part in (self.model, self.data, self.eval):
+            part.validate()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fuse
+
+
+@dataclass
+class FuseConfig:
+    """Fusion of an attacked model with a safety reference, optionally inside a score run's region
+    (realign/ops/merge.py has the exact definitions)."""
+
+    finetuned_run: str = ""  # the attack run to repair (required)
+    reference_run: str = ""  # the safety reference: an align or expo run (required)
+    mask_run: str = ""  # a score run whose masks/ restrict the fusion; "" = the whole model
+    method: str = "restore"  # average | task_arithmetic | ties | consensus_ta | consensus_ties | restore
+    # Region granularity: "" = the score run's own kind (neurons or ranks); heads = its masks/<method>.heads file.
+    granularity: str = ""
+    top_heads: float = 0.1  # heads: fraction of all attention heads (by summed safety score) in the region
+    weights: list[float] = field(default_factory=lambda: [1.0, 1.0])  # w_t of (finetuned, reference)
+    scale: float = 1.0  # λ of task arithmetic, ties and consensus: θ0 + λ·(merged task vector), in (0, 1]
+    density: float = 0.2  # ties: fraction of each task vector kept by magnitude, in (0, 1]
+    tall_lambda: float = 0.4  # consensus: TALL mask |τ_t| ≥ λ·|τ_MTL − τ_t|, in (0, 1]
+    consensus_k: int = 2  # consensus: keep entries at least k of the 2 TALL masks select
+    adaptive: bool = False  # restore: NLSR's adaptive layer selection (which modules get the transplant)
+    prune_rate: float = 0.5  # restore, adaptive: mean replacement probability, in [0, 1]
+    epsilon: float = 0.2  # restore, adaptive: probabilities spread over [prune_rate − ε, prune_rate + ε]
+    dissimilar_first: bool = True  # restore, adaptive: least similar modules most likely (false = the NLSR code)
+    seed: int = 0  # restore, adaptive: the Bernoulli draw; torch is seeded with it before evaluation too
+    mode: str = "auto"  # auto | lora (fuse the adapters' A/B tensors) | full (merged weights, streamed)
+    recipe: str = "default"  # conf/fuse/<recipe>.yaml
+    model: ModelConfig = field(default_factory=ModelConfig)
+    experiment: str = "realign"
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def validate(self) -> None:
+        for key in ("finetuned_run", "reference_run"):
+            if not getattr(self, key):
+                raise RealignError(f"{key} is required", f"pass --{key} <run id>")
+        _check_choice("granularity", self.granularity, ("", "neurons", "ranks", "heads"))
+        _check_choice("mode", self.mode, ("auto", "lora", "full"))
+        for key in ("scale", "density", "tall_lambda", "top_heads"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and 0.0 < value <= 1.0):
+                raise RealignError(f"{key}={value} is outside (0, 1]", f"pass --{key} within (0, 1]")
+        if len(self.weights) != 2 or any(not math.isfinite(w) or w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise RealignError(f"weights={self.weights} must be two numbers >= 0 (finetuned, reference), not both 0",
+                               "pass --weights 1,1")
+        if not 1 <= self.consensus_k <= 2:
+            raise RealignError(f"consensus_k={self.consensus_k} is outside [1, 2] (two models are fused)",
+                               "pass --consensus_k 1 or 2")
+        _check_range("prune_rate", self.prune_rate, 0.0, 1.0)
+        if not (math.isfinite(self.epsilon) and 0.0 <= self.epsilon <= min(self.prune_rate, 1.0 - self.prune_rate)):
+            raise RealignError(f"epsilon={self.epsilon} must be in [0, min(prune_rate, 1 − prune_rate)] = "
+                               f"[0, {min(self.prune_rate, 1.0 - self.prune_rate):g}]",
+                               "pass a smaller --epsilon, e.g. 0.2 with --prune_rate 0.5")
+        for part in (self.model, self.eval):
+            part.validate()

@@ -150,7 +150,16 @@ class StageRun:
         """A `datasets.Dataset` as a run input (name, digest, schema, profile)."""
         mlflow = _mlflow()
         ds = mlflow.data.from_huggingface(dataset, path=hub_path, name=name)
-        mlflow.log_input(ds, context=context)
+        for attempt in range(5):
+            try:
+                mlflow.log_input(ds, context=context)
+                return
+            except Exception as err:
+                # Two runs logging the same dataset at once into one store race on its insert (UNIQUE
+                # constraint on experiment, name, digest); the row exists now, so the next try links to it.
+                if "UNIQUE constraint" not in str(err) or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     # -- artifacts ---------------------------------------------------------------------------------------------
     def log_dir(self, local_dir: str | Path, artifact_path: str) -> None:
@@ -267,12 +276,9 @@ def search_runs(experiment: str = DEFAULT_EXPERIMENT, filter_string: str = ""):
 
     mlflow = _mlflow()
     open_store()
-    experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if not experiment_id:
-        exp = mlflow.get_experiment_by_name(experiment)
-        if exp is None:
-            return pd.DataFrame()
-        experiment_id = exp.experiment_id
+    experiment_id = _experiment_id(experiment)
+    if experiment_id is None:
+        return pd.DataFrame()
     try:
         return mlflow.search_runs(experiment_ids=[experiment_id], filter_string=filter_string,
                                   order_by=["attributes.start_time DESC"], output_format="pandas")
@@ -281,16 +287,17 @@ def search_runs(experiment: str = DEFAULT_EXPERIMENT, filter_string: str = ""):
                            "write an MLflow filter such as tags.`realign.base_model` = 'smollm2-135m'") from None
 
 
+def run_metrics(run_id: str) -> dict[str, float]:
+    """The latest value of each metric of run `run_id` (e.g. an input run's evaluation, shown next to a result)."""
+    return dict(_mlflow().MlflowClient().get_run(run_id).data.metrics)
+
+
 def latest_run(stage: str, base_model: str, method: str | None = None, experiment: str = DEFAULT_EXPERIMENT) -> str | None:
     """The newest FINISHED and complete run of `stage` (and `method`) for `base_model`, or None."""
     mlflow = _mlflow()
-    # Under `mlflow run` the experiment is the one it chose (--experiment-name), not the config's.
-    experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if not experiment_id:
-        exp = mlflow.get_experiment_by_name(experiment)
-        if exp is None:
-            return None
-        experiment_id = exp.experiment_id
+    experiment_id = _experiment_id(experiment)
+    if experiment_id is None:
+        return None
     query = (f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_BASE_MODEL}` = '{base_model}' "
              f"and tags.`{TAG_COMPLETE}` = 'true' and attributes.status = 'FINISHED'")
     if method:
@@ -419,7 +426,16 @@ def find_reusable_run(stage: str, params: dict[str, str], experiment: str) -> st
 
 
 def _experiment_id(experiment: str) -> str | None:
-    exp = _mlflow().get_experiment_by_name(experiment)
+    """The id of the experiment runs are searched in; None if it does not exist yet.
+
+    Under `mlflow run`, the run it created (MLFLOW_RUN_ID) names the experiment it chose (--experiment-name).
+    Not MLFLOW_EXPERIMENT_ID: every mlflow.set_experiment() in this process (each stage run's) overwrites it.
+    """
+    mlflow = _mlflow()
+    resumed = os.environ.get("MLFLOW_RUN_ID")
+    if resumed:
+        return mlflow.MlflowClient().get_run(resumed).info.experiment_id
+    exp = mlflow.get_experiment_by_name(experiment)
     return exp.experiment_id if exp is not None else None
 
 

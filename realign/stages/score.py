@@ -1,0 +1,333 @@
+"""`score` stage: the weights that carry safety, saved as masks the fuse stage pulls by run id.
+
+Scores the weights of an align or expo run (or of the base model) with one method of `realign.ops.neurons`
+(snip, wanda, set_difference, actsvd, lora_actsvd; the definitions are there) on calibration data logged as run
+inputs: safety = harmful prompts with safe (refusal) responses, utility = benign instructions or a task.
+`target=weights` scores the linear layers of the merged model (keys = state_dict names), `target=lora` the run's
+own LoRA A/B matrices (keys = its adapter file's keys).
+
+The run (`score/<method>`) holds `masks/<method>.safetensors` (a region file, see `realign.ops.masks`: bool masks,
+or for actsvd the safety/utility bases), for element-wise methods on weights also `masks/<method>.heads.safetensors`
+(each attention head's summed safety score), the selected fraction per layer and per module as metrics, a heat map
+`figures/selection.html`, and the sanity check of Wei et al.: harmful score of the model, with the selected weights
+zeroed (actsvd: the safety ranks removed, W − PW), and with a random selection of the same size zeroed.
+Every input is checked before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from realign import data, models, tracking
+from realign.config import ScoreConfig, resolve_stage_config
+from realign.errors import RealignError
+from realign.ops import masks
+from realign.ops import neurons
+from realign.stages.evaluate import check_judge, evaluate_model
+
+SCORED_STAGES = ("align", "expo")
+SANITY_VARIANTS = ("zeroed_selected", "zeroed_random")
+
+
+def resolve_score_config(overrides: dict[str, Any]) -> ScoreConfig:
+    cfg = resolve_stage_config(ScoreConfig, "score", overrides.get("recipe") or "default", overrides)
+    if cfg.method not in neurons.METHODS:
+        raise RealignError(f"unknown scoring method {cfg.method!r}", f"use one of: {', '.join(neurons.METHODS)}")
+    method = neurons.METHODS[cfg.method]
+    if cfg.target not in method.targets:
+        other = "lora" if cfg.target == "weights" else "weights"
+        raise RealignError(f"method {cfg.method} does not score target={cfg.target}",
+                           f"pass --target {other}, or a method that scores {cfg.target}")
+    if cfg.difference_score not in neurons.ELEMENTWISE_SCORES:
+        raise RealignError(f"difference_score={cfg.difference_score!r} is not one of "
+                           f"{', '.join(neurons.ELEMENTWISE_SCORES)}", "pass --difference_score snip or wanda")
+    if cfg.data.utility != "benign" and cfg.data.utility not in data.TASKS:
+        raise RealignError(f"data.utility={cfg.data.utility!r} is neither benign nor a task",
+                           f"use benign or one of: {', '.join(data.TASKS)}")
+    if cfg.eval.enabled:
+        check_judge(cfg.eval.judge)
+    return cfg
+
+
+def score_settings(cfg: ScoreConfig, num_heads: int = 0, state_budget_bytes: int = 0) -> neurons.ScoreSettings:
+    return neurons.ScoreSettings(
+        sparsity=cfg.sparsity, top_q=cfg.top_q, top_p=cfg.top_p, difference_score=cfg.difference_score,
+        safety_rank=cfg.rank, utility_rank=cfg.utility_rank, lora_rank_fraction=cfg.lora_rank_fraction,
+        num_heads=num_heads, state_budget_bytes=state_budget_bytes or neurons.ScoreSettings.state_budget_bytes)
+
+
+@dataclass
+class ScoredWeights:
+    """Where the scored model comes from: base config + adapters to merge, and (target lora) the adapter scored."""
+
+    model_cfg: Any
+    merged_adapters: list[str]
+    lora_dir: str | None  # target lora: the run's own adapter, loaded unmerged on top of the merged model
+    run_id: str  # "" for the base model
+
+
+def run_score(overrides: dict[str, Any]) -> str:
+    """Score one run's weights (or the base model's) and log the masks; returns the run id."""
+    experiment = overrides.get("experiment") or tracking.DEFAULT_EXPERIMENT
+    with tracking.stage_run("score", experiment=experiment) as run:
+        cfg = resolve_score_config(overrides)
+        method = neurons.METHODS[cfg.method]
+        run.set_name(f"score/{cfg.method}")
+        run.set_tags({tracking.TAG_METHOD: cfg.method, tracking.TAG_BASE_MODEL: cfg.model.name})
+        run.log_config(cfg)
+        weights = resolve_weights(cfg, run)
+        safety_rows = safety_calibration(cfg)
+        utility_rows = utility_calibration(cfg) if method.uses_utility(score_settings(cfg)) else None
+        run.log_dataset(safety_rows, name=f"score-safety-{cfg.data.safety_source}", context="calibration-safety")
+        if utility_rows is not None:
+            run.log_dataset(utility_rows, name=f"score-utility-{cfg.data.utility}", context="calibration-utility")
+
+        # The heavy part starts only now, after every check passed.
+        model, base_config = load_scored_model(weights)
+        tokenizer = models.load_tokenizer(weights.model_cfg)
+        modules = scored_modules(model, cfg, weights)
+        safety = calibration_batches(tokenizer, safety_rows, cfg)
+        utility = calibration_batches(tokenizer, utility_rows, cfg) if utility_rows is not None else []
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        num_heads = base_config.num_attention_heads if cfg.target == "weights" else 0
+        settings = score_settings(cfg, num_heads, int(cfg.state_budget * weight_bytes))
+        start = time.perf_counter()
+        region = neurons.score_region(cfg.method, model, modules, safety, utility, settings)
+        seconds = time.perf_counter() - start
+        check_region(region.tensors, region.kind, modules, f"method {cfg.method}")
+
+        metadata = {"realign.method": cfg.method, "realign.target": cfg.target, "realign.base_model": cfg.model.name,
+                    "realign.architecture": masks.architecture_id(base_config),
+                    "realign.source.model": weights.run_id or "base"}
+        mask_path = write_region(run, cfg.method, region, metadata)
+        examples = neurons.count_examples(safety) + neurons.count_examples(utility)
+        run.log_metrics({"score_seconds": seconds, "seconds_per_sample": seconds / max(examples, 1)})
+        log_selection(run, region, modules)
+        if cfg.eval.enabled:
+            sanity_check(run, cfg, mask_path, model, tokenizer, modules)
+        run.mark_complete()
+        return run.run_id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resolve_weights(cfg: ScoreConfig, run: tracking.StageRun) -> ScoredWeights:
+    """Check the scored run and download what rebuilds its weights; no model is loaded here."""
+    if cfg.model_run in ("", "base"):
+        if cfg.target == "lora":
+            raise RealignError("the base model has no LoRA adapter to score",
+                               "pass --model-run <align or expo run id>, or --target weights")
+        return ScoredWeights(cfg.model, [], None, "")
+    source = run.resolve_input(cfg.model_run, "model", SCORED_STAGES, cfg.model.name, artifact=None)
+    model_cfg, adapters = run.model_of(source, cfg.model)
+    if cfg.target == "weights":
+        return ScoredWeights(model_cfg, adapters, None, source.run_id)
+    if not adapters:
+        raise RealignError(f"model run {source.run_id} holds full weights (realign.output=model), no LoRA adapter",
+                           "score it with --target weights")
+    return ScoredWeights(model_cfg, adapters[:-1], adapters[-1], source.run_id)
+
+
+def safety_calibration(cfg: ScoreConfig):
+    """Harmful prompts (Alpaca template) with their safe, refusing responses."""
+    from datasets import Dataset
+
+    n, seed, source = cfg.nsamples, cfg.seed, cfg.data.safety_source
+    if source == "builtin":
+        rows = data.pku_saferlhf("train", n, seed)
+        pairs = [(row["prompt"], row[f"response_{row['safer_response_id']}"]) for row in rows]
+    else:
+        from realign.data import hub
+
+        rows = hub.load_safety_pairs(hub.SAFERLHF_ID if source == "hub" else source, "train", n, seed)
+        pairs = [(row["prompt"], row["safe_response"]) for row in rows]
+    return Dataset.from_dict({"prompt": [data.format_prompt(p) for p, _ in pairs], "response": [r for _, r in pairs]})
+
+
+def utility_calibration(cfg: ScoreConfig):
+    """Benign instructions with helpful answers, or a task's training examples (Alpaca template)."""
+    from datasets import Dataset
+
+    n, seed = cfg.nsamples, cfg.seed
+    if cfg.data.utility == "benign":
+        rows = data.benign_instructions("train", n, seed)
+        pairs = [(data.format_prompt(row["instruction"], row["input"]), row["output"]) for row in rows]
+    else:
+        rows = data.load_task(cfg.data.utility, "train", n, seed, source=cfg.data.utility_source)
+        pairs = [data.format_task_example(cfg.data.utility, row)[:2] for row in rows]
+    return Dataset.from_dict({"prompt": [p for p, _ in pairs], "response": [r for _, r in pairs]})
+
+
+def calibration_batches(tokenizer, rows, cfg: ScoreConfig) -> list[neurons.CalibrationBatch]:
+    """Prompt tokens as the model sees them at generation time, then the response and eos (the scored part).
+
+    An example longer than data.max_length keeps its response and the end of its prompt (see `neurons.collate`)."""
+    examples = []
+    for prompt, response in zip(rows["prompt"], rows["response"]):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append((prompt_ids, response_ids))
+    return neurons.collate(examples, tokenizer.pad_token_id, cfg.data.max_length, cfg.data.batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The scored model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_scored_model(weights: ScoredWeights):
+    """(model, the base transformers config): merged weights, with the scored LoRA adapter unmerged on top."""
+    model = models.load_model(weights.model_cfg, weights.merged_adapters)
+    base_config = model.config
+    if weights.lora_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, weights.lora_dir)
+        model.eval()
+        model.requires_grad_(False)
+    return model, base_config
+
+
+def scored_modules(model, cfg: ScoreConfig, weights: ScoredWeights) -> list[neurons.ScoredModule]:
+    modules = neurons.find_scored_modules(model, cfg.modules, cfg.target)
+    if not modules:
+        where = "the LoRA adapter" if cfg.target == "lora" else "the model's decoder layers"
+        raise RealignError(f"{where} has no linear layer named {', '.join(cfg.modules)}",
+                           "pass --modules with names the model has, e.g. q_proj,v_proj")
+    if weights.lora_dir is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(Path(weights.lora_dir) / "adapter_model.safetensors"), framework="pt") as handle:
+            adapter_keys = set(handle.keys())
+        missing = [m.key for m in modules if m.key not in adapter_keys]
+        if missing:
+            raise RealignError(f"LoRA layer {missing[0]} is not in the run's adapter file",
+                               "score a standard PEFT LoRA adapter")
+    return modules
+
+
+def check_region(tensors: dict, kind: str, modules: list[neurons.ScoredModule], what: str) -> None:
+    """Every mask or basis must fit a scored weight of this model: else one line, before anything uses it."""
+    shapes = {m.key: tuple(m.weight.shape) for m in modules}
+    try:
+        masks.check_region_shapes(tensors, kind, shapes)
+    except ValueError as err:
+        raise RealignError(f"{what}: {err}", "the region was made for another model; score this model") from None
+    if kind == "neurons":
+        missing = sorted(set(shapes) - set(tensors))
+        if missing:
+            raise RealignError(f"{what}: no mask for {missing[0]}", "score every weight of the model")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_region(run: tracking.StageRun, method: str, region: neurons.Region, metadata: dict[str, str]) -> Path:
+    """masks/<method>.safetensors (+ masks/<method>.heads.safetensors) in the run; the local path of the first."""
+    folder = run.workdir / "masks"
+    path = masks.save_region(folder / f"{method}.safetensors", region.tensors, region.kind, metadata)
+    if region.heads:
+        masks.save_region(folder / f"{method}.heads.safetensors", region.heads, "heads", metadata)
+    run.log_dir(folder, "masks")
+    return path
+
+
+def selection_table(region: neurons.Region, modules: list[neurons.ScoredModule]) -> dict[tuple[int, str], float]:
+    """(layer, module kind) -> fraction selected (neurons: entries; ranks: ranks of min(d_out, d_in))."""
+    return {(m.layer, m.kind): region.selected[m.key] / max(region.totals[m.key], 1) for m in modules}
+
+
+def log_selection(run: tracking.StageRun, region: neurons.Region, modules: list[neurons.ScoredModule]) -> None:
+    """Selected fraction per layer, per module kind and overall, the count, and a layers × modules heat map."""
+    import plotly.graph_objects as go
+
+    metrics: dict[str, float] = {}
+    for group, key_of in (("layer", lambda m: f"layer_{m.layer}"), ("module", lambda m: m.kind)):
+        selected: dict[str, int] = {}
+        totals: dict[str, int] = {}
+        for m in modules:
+            selected[key_of(m)] = selected.get(key_of(m), 0) + region.selected[m.key]
+            totals[key_of(m)] = totals.get(key_of(m), 0) + region.totals[m.key]
+        metrics.update({f"selected_fraction/{name}": selected[name] / max(totals[name], 1) for name in selected})
+    count, total = sum(region.selected.values()), sum(region.totals.values())
+    metrics.update({"selected_count": count, "selected_fraction": count / max(total, 1)})
+    run.log_metrics(metrics)
+
+    table = selection_table(region, modules)
+    layers = sorted({m.layer for m in modules})
+    kinds = list(dict.fromkeys(m.kind for m in modules))
+    unit = "ranks" if region.kind == "ranks" else "weights"
+    figure = go.Figure(go.Heatmap(
+        z=[[table.get((layer, kind)) for kind in kinds] for layer in layers], x=kinds, y=layers,
+        colorscale="Reds", colorbar={"title": f"selected {unit}"},
+        hovertemplate="layer %{y} %{x}: %{z:.4f}<extra></extra>"))
+    figure.update_layout(title=f"Selected fraction of each weight's {unit}", xaxis_title="module",
+                         yaxis_title="layer")
+    run.log_figure(figure, "figures/selection.html")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sanity check
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sanity_check(run: tracking.StageRun, cfg: ScoreConfig, mask_path: Path, model, tokenizer,
+                 modules: list[neurons.ScoredModule]) -> dict[str, float]:
+    """Harmful score of the model as scored, with the region removed, and with a random region of the same size.
+
+    The region is read back from the file just written (what fuse reads). Neurons: the selected entries are zeroed,
+    against as many random entries of each matrix; ranks: W − PW with P = (I − U_u U_uᵀ) U_s U_sᵀ, against a random
+    orthonormal projection of the same rank. Each removal is undone before the next, so the model ends as it began.
+    """
+    import torch
+
+    tensors, metadata = masks.load_region(mask_path)
+    kind = metadata["realign.kind"]
+    check_region(tensors, kind, modules, f"mask {mask_path.name}")
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    baseline = evaluate_model(model, tokenizer, cfg.eval)
+    run.set_tags({tracking.TAG_JUDGE: baseline.judge})
+    run.log_table(baseline.table, "eval/generations.json")
+    numbers = dict(baseline.metrics)
+    for variant in SANITY_VARIANTS:
+        undo = [remove(scored.weight) for scored, remove in _removals(tensors, kind, modules, variant, generator)]
+        try:
+            result = evaluate_model(model, tokenizer, cfg.eval)
+        finally:
+            for restore in undo:
+                restore()
+        run.log_table(result.table, f"eval/{variant}.json")
+        for name in ("harmful_score", "refusal_rate", "benign_refusal_rate"):
+            numbers[f"{name}_{variant}"] = result.metrics[name]
+    run.log_metrics(numbers)
+    return numbers
+
+
+def _removals(tensors: dict, kind: str, modules: list[neurons.ScoredModule], variant: str, generator):
+    """(module, remove) pairs: `remove(weight)` takes the region (or a random one of the same size) out of the
+    weight in place and returns its undo."""
+    for scored in modules:
+        if kind == "neurons":
+            mask = tensors[scored.key]
+            if variant == "zeroed_random":
+                mask = neurons.random_like_mask(mask, generator)
+            yield scored, lambda w, m=mask: neurons.zero_masked(w, m)
+        else:
+            safety_basis = tensors[f"{scored.key}{masks.BASIS_SEPARATOR}safety"]
+            utility_basis = tensors[f"{scored.key}{masks.BASIS_SEPARATOR}utility"]
+            if variant == "zeroed_random":
+                rank = neurons.projection_rank(safety_basis, utility_basis)
+                basis = neurons.random_basis(safety_basis.shape[0], rank, generator)
+                yield scored, lambda w, b=basis: neurons.remove_rank_region(w, b, b)
+            else:
+                left = neurons.rank_region_factor(safety_basis, utility_basis)
+                yield scored, lambda w, lf=left, b=safety_basis: neurons.remove_rank_region(w, lf, b)

@@ -1,0 +1,142 @@
+"""`pipeline`: experiment files expanded into stage runs, with reuse, on the tiny model."""
+
+import mlflow
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from realign import tracking
+from realign.cli import main
+from realign.errors import RealignError
+from realign.stages.pipeline import check_cells, load_experiment, run_pipeline
+
+TINY_TRAIN = {"train.max_steps": 2, "train.per_device_train_batch_size": 4, "train.max_length": 96,
+              "train.learning_rate": 1e-2}
+NO_EVAL = {"eval.enabled": False}
+
+TINY_CHAIN = {
+    "experiment": "pipe",
+    "model": "tiny",
+    "steps": {
+        "sft": {"stage": "align", "method": "sft", "data.num_examples": 16, **TINY_TRAIN, **NO_EVAL},
+        "dpo": {"stage": "align", "method": "dpo", "sft_run": "${sft}", "data.num_examples": 16, **TINY_TRAIN,
+                **NO_EVAL},
+        "attack": {"stage": "attack", "source_run": "${dpo}", "size": 12, "ratio": 0.25, **TINY_TRAIN, **NO_EVAL},
+    },
+}
+
+
+def _write(tmp_path, spec, name="chain.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(path)
+
+
+def _stage_runs(stage):
+    return mlflow.search_runs(experiment_names=["pipe"], filter_string=f"tags.`realign.stage` = '{stage}'",
+                              output_format="list")
+
+
+def _steps(parent_id):
+    table = mlflow.load_table("pipeline/steps.json", run_ids=[parent_id])
+    return {row.step: (row.run_id, bool(row.reused)) for row in table.itertuples()}
+
+
+def test_second_call_reuses_every_stage_run(tracking_store, tmp_path):
+    path = _write(tmp_path, TINY_CHAIN)
+    first = _steps(run_pipeline({"name": path}))
+    assert not any(reused for _, reused in first.values())
+    sft, dpo, attack = (first[s][0] for s in ("sft", "dpo", "attack"))
+    # Lineage: each step got the run id of the step it names.
+    assert mlflow.get_run(dpo).data.tags["realign.source.sft"] == sft
+    assert mlflow.get_run(attack).data.tags["realign.source.aligned"] == dpo
+    parent = mlflow.get_run(mlflow.get_run(attack).data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["realign.stage"] == "pipeline" and parent.info.status == "FINISHED"
+
+    second_id = run_pipeline({"name": path})
+    second = _steps(second_id)
+    assert second == {step: (run_id, True) for step, (run_id, _) in first.items()}
+    assert len(_stage_runs("align")) == 2 and len(_stage_runs("attack")) == 1
+
+
+def test_a_changed_param_reruns_that_step_and_reuses_the_rest(tracking_store, tmp_path):
+    path = _write(tmp_path, TINY_CHAIN)
+    first = _steps(run_pipeline({"name": path}))
+    second = _steps(run_pipeline({"name": path, "attack.ratio": "0.5"}))
+    assert second["sft"] == (first["sft"][0], True) and second["dpo"] == (first["dpo"][0], True)
+    assert second["attack"][1] is False and second["attack"][0] != first["attack"][0]
+    assert mlflow.get_run(second["attack"][0]).data.params["ratio"] == "0.5"
+
+
+@pytest.mark.parametrize("status", ["FAILED", "RUNNING", "KILLED"])
+def test_runs_that_did_not_finish_are_never_reused(tracking_store, tmp_path, status):
+    path = _write(tmp_path, TINY_CHAIN)
+    first = _steps(run_pipeline({"name": path}))
+    mlflow.MlflowClient().set_terminated(first["attack"][0], status)
+    second = _steps(run_pipeline({"name": path}))
+    assert second["dpo"] == (first["dpo"][0], True)
+    assert second["attack"][1] is False and second["attack"][0] != first["attack"][0]
+
+
+def test_runs_of_other_code_are_not_reused(tracking_store, tmp_path, monkeypatch):
+    path = _write(tmp_path, {**TINY_CHAIN, "steps": {"sft": TINY_CHAIN["steps"]["sft"]}})
+    first = _steps(run_pipeline({"name": path}))
+    monkeypatch.setattr(tracking, "_CODE_VERSION", "another-version")
+    second = _steps(run_pipeline({"name": path}))
+    assert second["sft"][1] is False and second["sft"][0] != first["sft"][0]
+
+
+def test_grid_cells_match_the_cells_they_refer_to(tmp_path):
+    spec = {"model": "tiny", "steps": {
+        "align": {"stage": "align", "method": "${m}", "sft_run": "none", "each": {"m": ["dpo", "kto"]}},
+        "attack": {"stage": "attack", "source_run": "${align}", "each": {"m": ["dpo", "kto"]},
+                   "grid": {"ratio": [0.0, 0.1]}},
+        "fuse_source": {"stage": "evaluate", "run": "${attack[m=kto,ratio=0.10]}"},
+    }}
+    experiment = load_experiment(_write(tmp_path, spec))
+    labels = [cell.label for cell in experiment.cells]
+    assert labels == ["align[m=dpo]", "align[m=kto]", "attack[m=dpo,ratio=0.0]", "attack[m=dpo,ratio=0.1]",
+                      "attack[m=kto,ratio=0.0]", "attack[m=kto,ratio=0.1]", "fuse_source"]
+    # grid values reach the stage, `each` values only name the cell
+    attack = experiment.cells[3]
+    assert attack.overrides["ratio"] == 0.1 and "m" not in attack.overrides
+    assert experiment.cells[0].overrides["method"] == "${m}"
+
+
+@pytest.mark.parametrize("steps, fragment", [
+    ({"a": {"stage": "align", "sft_run": "${nope}"}}, "refers to ${nope}"),
+    ({"a": {"stage": "align", "each": {"m": ["dpo", "kto"]}}, "b": {"stage": "attack", "source_run": "${a}"}},
+     "matches 2 runs"),
+    ({"a": {"stage": "train"}}, "has no known stage"),
+    ({"a": {"stage": "attack", "grid": {"ratio": 0.1}}}, "not lists of values"),
+])
+def test_bad_experiment_files_fail_before_anything_runs(tmp_path, steps, fragment):
+    with pytest.raises(RealignError, match=fragment.replace("$", r"\$").replace("{", r"\{").replace("}", r"\}")):
+        load_experiment(_write(tmp_path, {"steps": steps}))
+
+
+def test_override_must_name_a_step(tmp_path):
+    with pytest.raises(RealignError, match="names no step"):
+        load_experiment(_write(tmp_path, TINY_CHAIN), {"ratio": "0.2"})
+
+
+def test_shipped_experiments_resolve_every_cell():
+    """Every cell of the shipped experiment files resolves to a valid stage config (recipes exist, keys known)."""
+    for name in ("default", "nlsr-llama3-8b"):
+        check_cells(load_experiment(name))
+    assert len(load_experiment("nlsr-llama3-8b").cells) == 218
+
+
+def test_a_bad_value_in_a_late_cell_fails_before_the_first_runs(tracking_store, tmp_path):
+    spec = {**TINY_CHAIN, "steps": {**TINY_CHAIN["steps"], "late": {"stage": "attack", "source_run": "${dpo}",
+                                                                    "grid": {"ratio": [0.1, 7]}}}}
+    with pytest.raises(RealignError, match=r"step late\[ratio=7\]: ratio"):
+        run_pipeline({"name": _write(tmp_path, spec)})
+    assert _stage_runs("align") == []
+
+
+def test_cli_bad_experiment_name_is_one_line(tracking_store):
+    result = CliRunner().invoke(main, ["pipeline", "--name", "nope"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [result.output.strip()]
+    assert "unknown experiment 'nope'" in result.output
