@@ -140,3 +140,23 @@ def test_cli_bad_experiment_name_is_one_line(tracking_store):
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [result.output.strip()]
     assert "unknown experiment 'nope'" in result.output
+
+
+def test_default_experiment_runs_end_to_end_on_the_tiny_model(tracking_store):
+    """conf/experiments/default.yaml, every step wired to the one before (sft → … → fuse → compare), tiny budgets."""
+    train = {f"{step}.{key}": value for step in ("sft", "dpo", "attack") for key, value in TINY_TRAIN.items()}
+    quiet_eval = {"eval.judge": "keyword", "eval.num_prompts": "4", "eval.max_new_tokens": "8",
+                  "eval.task_examples": "4"}
+    overrides = {"name": "default", "model": "tiny", "experiment": "pipe", **train,
+                 "sft.data.num_examples": "16", "dpo.data.num_examples": "16", "attack.size": "12",
+                 **{f"{step}.eval.enabled": "false" for step in ("sft", "dpo", "attack", "expo", "score")},
+                 "score.nsamples": "4", "score.data.max_length": "96",
+                 **{f"fuse.{key}": value for key, value in quiet_eval.items()}}
+    steps = _steps(run_pipeline(overrides))
+    assert list(steps) == ["sft", "dpo", "attack", "expo", "score", "fuse", "compare"]
+    fuse = mlflow.get_run(steps["fuse"][0])
+    assert fuse.data.tags["realign.source.finetuned"] == steps["attack"][0]
+    assert fuse.data.tags["realign.source.reference"] == steps["expo"][0]
+    assert fuse.data.tags["realign.source.mask"] == steps["score"][0]
+    assert "harmful_score" in fuse.data.metrics
+    assert mlflow.get_run(steps["compare"][0]).data.metrics["runs_compared"] >= 6
