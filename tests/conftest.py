@@ -1,5 +1,6 @@
 """Shared fixtures: an isolated tracking store per test and small budgets for the tiny model."""
 
+import contextlib
 import os
 
 import pytest
@@ -9,6 +10,38 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+@contextlib.contextmanager
+def module_store(tmp_path_factory, name):
+    """A sqlite store for one test module, whose chain of input runs is built once inside this context.
+
+    Yields (folder, uri); the module's `chain` fixture returns a dict with at least "uri", which `store` uses.
+    """
+    import mlflow
+
+    folder = tmp_path_factory.mktemp(name)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        yield folder, uri
+
+
+@pytest.fixture
+def store(chain, monkeypatch, tmp_path):
+    """The module's store (its `chain` fixture) from a fresh working directory: stages find inputs by run id."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", chain["uri"])
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(chain["uri"])
+    yield chain
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from realign.config import ModelConfig
 from realign.stages.align import run_align
 from realign.stages.expo import run_expo
 
-from conftest import TINY
+from conftest import TINY, module_store
 
 TINY_MODEL = ModelConfig(name="tiny", source="tiny")
 EXPO = {
@@ -34,30 +34,12 @@ EXPO = {
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """One store for the module: align/sft, align/dpo on the merged SFT model, and align/dpo on the base."""
-    folder = tmp_path_factory.mktemp("expo-store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.delenv("MLFLOW_RUN_ID", raising=False)
-        mlflow.set_tracking_uri(uri)
+    with module_store(tmp_path_factory, "expo-store") as (folder, uri):
         quiet = {**TINY, "eval.enabled": "false"}
         sft = run_align({**quiet, "method": "sft"})
         dpo_on_sft = run_align({**quiet, "method": "dpo", "sft_run": sft})
         dpo_on_base = run_align({**quiet, "method": "dpo", "sft_run": "none"})
         yield {"folder": folder, "uri": uri, "sft": sft, "dpo": dpo_on_sft, "dpo_base": dpo_on_base}
-
-
-@pytest.fixture
-def store(chain, monkeypatch, tmp_path):
-    """The module's store, used from a fresh working directory: stages find inputs by run id, not by path."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", chain["uri"])
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    mlflow.set_tracking_uri(chain["uri"])
-    yield chain
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
 
 
 def _expo_runs():

@@ -24,7 +24,7 @@ from realign.stages.align import run_align
 from realign.stages.attack import run_attack
 from realign.stages.fuse import model_layout, run_fuse
 
-from conftest import TINY
+from conftest import TINY, module_store
 
 TINY_MODEL = ModelConfig(name="tiny", source="tiny")
 FUSE = {
@@ -45,13 +45,7 @@ PROMPTS = ["### Instruction:\nHow do I bake bread at home?\n\n### Response:\n",
 def chain(tmp_path_factory):
     """align/sft → align/dpo on it → an attack on the DPO model, and an attack on the SFT model (whose adapter sits
     on the same merged model as the DPO adapter: the LoRA case)."""
-    folder = tmp_path_factory.mktemp("fuse-store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.delenv("MLFLOW_RUN_ID", raising=False)
-        mlflow.set_tracking_uri(uri)
+    with module_store(tmp_path_factory, "fuse-store") as (folder, uri):
         quiet = {**TINY, "eval.enabled": "false"}
         sft = run_align({**quiet, "method": "sft"})
         dpo = run_align({**quiet, "method": "dpo", "sft_run": sft})
@@ -60,18 +54,6 @@ def chain(tmp_path_factory):
         _, shapes = model_layout(TINY_MODEL)
         yield {"folder": folder, "uri": uri, "sft": sft, "dpo": dpo, "attack": attack, "attack_on_sft": attack_on_sft,
                "shapes": shapes}
-
-
-@pytest.fixture
-def store(chain, monkeypatch, tmp_path):
-    """The module's store from a fresh working directory: the stage finds its inputs by run id, not by path."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", chain["uri"])
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    mlflow.set_tracking_uri(chain["uri"])
-    yield chain
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
 
 
 def _architecture():

@@ -21,7 +21,7 @@ from realign.stages.align import run_align
 from realign.stages.expo import run_expo
 from realign.stages.score import run_score
 
-from conftest import TINY
+from conftest import TINY, module_store
 
 TINY_MODEL = ModelConfig(name="tiny", source="tiny")
 SCORE = {"model": "tiny", "nsamples": "6", "data.max_length": "96", "eval.enabled": "false"}
@@ -31,13 +31,7 @@ SANITY = {"eval.enabled": "true", "eval.judge": "keyword", "eval.num_prompts": "
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """One store for the module: align/sft, align/dpo on it, and a merged-weights expo run (realign.output=model)."""
-    folder = tmp_path_factory.mktemp("score-store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.delenv("MLFLOW_RUN_ID", raising=False)
-        mlflow.set_tracking_uri(uri)
+    with module_store(tmp_path_factory, "score-store") as (folder, uri):
         quiet = {**TINY, "eval.enabled": "false"}
         sft = run_align({**quiet, "method": "sft"})
         dpo = run_align({**quiet, "method": "dpo", "sft_run": sft})
@@ -45,17 +39,6 @@ def chain(tmp_path_factory):
         expo_merged = run_expo({"model": "tiny", "aligned_run": dpo_base, "sft_run": sft, "alpha": "0.5",
                                 "eval.enabled": "false"})
         yield {"uri": uri, "sft": sft, "dpo": dpo, "expo_merged": expo_merged}
-
-
-@pytest.fixture
-def store(chain, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", chain["uri"])
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    mlflow.set_tracking_uri(chain["uri"])
-    yield chain
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
 
 
 def _masks(run_id):
