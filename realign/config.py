@@ -86,6 +86,9 @@ class TrainSettings:
     lr_scheduler_type: str = "linear"
     weight_decay: float = 0.0
     logging_steps: int = 1
+    # A Trainer checkpoint every save_steps steps (0: none): a stage killed mid-training resumes from the last
+    # one when the same command runs again (stages/common.py). Only the newest is kept; it is deleted on success.
+    save_steps: int = 10
     gradient_checkpointing: bool = False
     bf16: bool = False
     # Preference-loss knobs; each method reads the ones its loss has (see stages/align.py ALIGN_METHODS).
@@ -100,6 +103,9 @@ class TrainSettings:
         _check_positive("train.per_device_train_batch_size", self.per_device_train_batch_size)
         _check_positive("train.gradient_accumulation_steps", self.gradient_accumulation_steps)
         _check_positive("train.max_length", self.max_length)
+        if self.save_steps < 0:
+            raise RealignError(f"train.save_steps must be >= 0, got {self.save_steps}",
+                               "pass a number of steps between checkpoints, or 0 for none")
         _check_range("train.warmup_ratio", self.warmup_ratio, 0.0, 1.0, right_open=True)
         _check_positive("train.beta", self.beta)
         if self.simpo_gamma < 0:
@@ -220,7 +226,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return "" if value is None else str(value)
     except (TypeError, ValueError):
         name = getattr(annotation, "__name__", str(annotation))
-        raise RealignError(f"{key}={value!r} is not a valid {name}", f"pass --{key} <a {name}>") from None
+        raise RealignError(f"{key}={value!r} is not a valid {name}", f"pass --{key} <{'an' if name[0] in 'aeiou' else 'a'} {name}>") from None
     return value
 
 

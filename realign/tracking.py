@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import yaml
 
+from realign import distributed
 from realign.config import flatten, param_string, to_dict
 from realign.errors import RealignError
 
@@ -37,6 +38,9 @@ TAG_OUTPUT = "realign.output"  # which artifact holds the run's model: "adapter"
 TAG_SWEEP = "realign.sweep"  # on a parent run: the parameter its child runs sweep (expo: alpha)
 TAG_CODE_VERSION = "realign.code_version"  # hash of the code and presets that made the run (pipeline reuse)
 TAG_PIPELINE = "realign.pipeline"  # on a pipeline's parent run: the experiment file it ran
+TAG_RESUMED_FROM = "realign.resumed_from"  # <dead run id>/checkpoint-<step> a training stage resumed from
+# Stages that may run as several processes (`accelerate launch`): they train; only the main process logs.
+MULTI_PROCESS_STAGES = ("align", "attack")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "realign"
 
@@ -114,6 +118,8 @@ def parse_run_ref(ref: str, role: str) -> str:
 
 class StageRun:
     """The open run of one stage; every write to MLflow goes through here."""
+
+    is_main = True  # False for the other processes of an `accelerate launch` (ReplicaRun)
 
     def __init__(self, run_id: str, stage: str):
         self.run_id = run_id
@@ -225,6 +231,24 @@ class StageRun:
         return chain + [str(source.local_dir)]
 
 
+class ReplicaRun(StageRun):
+    """The main process's run as another process of an `accelerate launch` sees it: it reads, never writes."""
+
+    is_main = False
+
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def set_name(self, name: str) -> None: ...
+    def log_config(self, cfg: Any) -> None: ...
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_dataset(self, dataset: Any, name: str, context: str, hub_path: str | None = None) -> None: ...
+    def log_dir(self, local_dir: str | Path, artifact_path: str) -> None: ...
+    def log_table(self, data: Any, artifact_file: str) -> None: ...
+    def log_figure(self, figure: Any, artifact_file: str) -> None: ...
+    def log_file(self, local_path: str | Path, artifact_dir: str | None = None) -> None: ...
+    def mark_complete(self) -> None: ...
+
+
 def resolve_run(ref: str, role: str, stages: tuple[str, ...], base_model: str,
                 methods: tuple[str, ...] | None = None) -> InputRun:
     mlflow = _mlflow()
@@ -263,7 +287,28 @@ def download_artifact(run_id: str, artifact: str, dst: Path, role: str) -> Path:
     except Exception:
         raise RealignError(f"{role} run {run_id} has no {artifact}/ artifact",
                            "pass a run that logged one (its stage must have finished)") from None
+    check_artifact_files(Path(path), f"{role} run {run_id}")
     return Path(path)
+
+
+def check_artifact_files(folder: Path, owner: str) -> None:
+    """Every safetensors and JSON file under `folder` parses: a corrupt artifact fails here, in one line."""
+    import json
+
+    from safetensors import safe_open
+
+    files = [folder] if folder.is_file() else sorted(folder.rglob("*"))
+    for path in files:
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as handle:  # header and sizes checked, no weights read
+                    list(handle.keys())
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception as err:
+            raise RealignError(f"{owner}: artifact {path.relative_to(folder.parent)} is corrupt "
+                               f"({_one_line(err)[:120]})",
+                               "rerun the stage that produced it and pass the new run id") from None
 
 
 def search_runs(experiment: str = DEFAULT_EXPERIMENT, filter_string: str = ""):
@@ -293,7 +338,14 @@ def run_metrics(run_id: str) -> dict[str, float]:
 
 
 def latest_run(stage: str, base_model: str, method: str | None = None, experiment: str = DEFAULT_EXPERIMENT) -> str | None:
-    """The newest FINISHED and complete run of `stage` (and `method`) for `base_model`, or None."""
+    """The newest FINISHED and complete run of `stage` (and `method`) for `base_model`, or None.
+
+    Under `accelerate launch` the main process looks and every process gets its answer.
+    """
+    return distributed.agree(lambda: _latest_run(stage, base_model, method, experiment))
+
+
+def _latest_run(stage: str, base_model: str, method: str | None, experiment: str) -> str | None:
     mlflow = _mlflow()
     experiment_id = _experiment_id(experiment)
     if experiment_id is None:
@@ -315,6 +367,23 @@ def stage_run(stage: str, experiment: str = DEFAULT_EXPERIMENT, run_name: str | 
     `new_run=True` opens a run of its own even under `mlflow run`: an input that a stage trains first (the SFT
     run a DPO run starts from) is a run of its own, reused later, not the run `mlflow run` made for the caller.
     """
+    if distributed.world_size() > 1:
+        if stage not in MULTI_PROCESS_STAGES:
+            raise RealignError(f"the {stage} stage runs as one process, not {distributed.world_size()}",
+                               f"run it without accelerate launch; only {', '.join(MULTI_PROCESS_STAGES)} train")
+        if not distributed.is_main_process():
+            replica = ReplicaRun(distributed.agree(lambda: None), stage)
+            try:
+                yield replica
+            finally:
+                shutil.rmtree(replica.workdir, ignore_errors=True)
+            return
+    run_id = distributed.agree(lambda: _start_stage_run(stage, experiment, run_name, new_run))
+    with _ended_when_done(StageRun(run_id, stage), run_name) as stage_ctx:
+        yield stage_ctx
+
+
+def _start_stage_run(stage: str, experiment: str, run_name: str | None, new_run: bool) -> str:
     mlflow = _mlflow()
     open_store()
     resumed = os.environ.get("MLFLOW_RUN_ID")
@@ -330,8 +399,7 @@ def stage_run(stage: str, experiment: str = DEFAULT_EXPERIMENT, run_name: str | 
             mlflow.set_experiment(experiment)
         with _env_without("MLFLOW_RUN_ID"):
             run = mlflow.start_run(run_name=run_name or stage)
-    with _ended_when_done(StageRun(run.info.run_id, stage), run_name) as stage_ctx:
-        yield stage_ctx
+    return run.info.run_id
 
 
 @contextlib.contextmanager
@@ -368,6 +436,15 @@ def child_run(parent: StageRun, run_name: str) -> Iterator[StageRun]:
         run = mlflow.start_run(run_name=run_name, nested=True)
     with _ended_when_done(StageRun(run.info.run_id, parent.stage), run_name) as child:
         yield child
+
+
+def mark_abandoned(run_id: str, note: str) -> None:
+    """FAILED, with `note` as its error, for a run still RUNNING whose process is known to be dead."""
+    client = _mlflow().MlflowClient()
+    with contextlib.suppress(Exception):  # gone or already ended: nothing to mark
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, TAG_ERROR, note)
+            client.set_terminated(run_id, "FAILED")
 
 
 def copy_evaluation(run_id: str, metrics: dict[str, float], judge: str) -> None:

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import tempfile
 
 import pytest
 
@@ -10,6 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# Trainer checkpoints of the tests stay out of the user's cache (a killed test must not leave one to resume).
+os.environ.setdefault("REALIGN_CHECKPOINT_DIR", tempfile.mkdtemp(prefix="realign-test-checkpoints-"))
 
 
 @contextlib.contextmanager

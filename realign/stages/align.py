@@ -14,7 +14,7 @@ from typing import Any, Callable
 from realign import data, models, tracking
 from realign.config import AlignConfig, resolve_stage_config
 from realign.errors import RealignError
-from realign.stages.common import train_lora, trainer_arguments
+from realign.stages.common import plan_checkpoints, train_lora, trainer_arguments
 from realign.stages.evaluate import check_judge, evaluate_and_log
 
 
@@ -136,7 +136,7 @@ def run_align(overrides: dict[str, Any], new_run: bool = False) -> str:
         start_dir = models.materialize_merged(cfg.model, base_adapters, run.workdir / "start")
         adapter_dir = train_adapter(cfg, method, start_dir, train_set, run)
 
-        if cfg.eval.enabled:
+        if cfg.eval.enabled and run.is_main:  # under accelerate launch, one process evaluates
             evaluate_and_log(run, cfg.model, [*base_adapters, str(adapter_dir)], cfg.eval)
 
         run.log_adapter(adapter_dir)
@@ -146,7 +146,8 @@ def run_align(overrides: dict[str, Any], new_run: bool = False) -> str:
 
 def train_adapter(cfg: AlignConfig, method: AlignMethod, start_dir: str, train_set, run: tracking.StageRun):
     """Fit a fresh LoRA on the weights in `start_dir` with the method's TRL trainer; returns the adapter dir."""
-    common = trainer_arguments(cfg.train, cfg.seed, run.workdir / "trainer")
+    checkpoints = plan_checkpoints(run, cfg)
+    common = trainer_arguments(cfg.train, cfg.seed, checkpoints.folder)
     trainer_cls, trainer_config = method.build(cfg, common)
     return train_lora(run, start_dir, cfg.model, cfg.lora, trainer_cls, trainer_config, train_set, cfg.seed,
-                      what=cfg.method)
+                      what=cfg.method, checkpoints=checkpoints)

@@ -13,7 +13,7 @@ from typing import Any
 from realign import data, models, tracking
 from realign.config import AttackConfig, resolve_stage_config
 from realign.errors import RealignError
-from realign.stages.common import train_lora, trainer_arguments
+from realign.stages.common import plan_checkpoints, train_lora, trainer_arguments
 from realign.stages.evaluate import check_judge, check_task, evaluate_and_log
 
 SOURCE_STAGES = ("align", "expo")
@@ -75,7 +75,7 @@ def run_attack(overrides: dict[str, Any]) -> str:
         start_dir = models.materialize_merged(cfg.model, aligned_chain, run.workdir / "aligned")
         adapter_dir = train_attack_adapter(cfg, start_dir, train_set, run)
 
-        if cfg.eval.enabled:
+        if cfg.eval.enabled and run.is_main:  # under accelerate launch, one process evaluates
             evaluate_and_log(run, cfg.model, [*aligned_chain, str(adapter_dir)], cfg.eval,
                              task=cfg.eval.task or cfg.task)
         run.log_adapter(adapter_dir)
@@ -87,5 +87,7 @@ def train_attack_adapter(cfg: AttackConfig, start_dir: str, train_set, run: trac
     """A fresh LoRA on the aligned weights, SFT on the mixture with the loss on the responses only."""
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(**trainer_arguments(cfg.train, cfg.seed, run.workdir / "trainer"), completion_only_loss=True)
-    return train_lora(run, start_dir, cfg.model, cfg.lora, SFTTrainer, args, train_set, cfg.seed, what="attack")
+    checkpoints = plan_checkpoints(run, cfg)
+    args = SFTConfig(**trainer_arguments(cfg.train, cfg.seed, checkpoints.folder), completion_only_loss=True)
+    return train_lora(run, start_dir, cfg.model, cfg.lora, SFTTrainer, args, train_set, cfg.seed, what="attack",
+                      checkpoints=checkpoints)
