@@ -10,7 +10,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from realign import models, tracking
@@ -221,7 +221,7 @@ def _hand_logged_align_run(method, base, tmp_path, adapter=True):
             folder = tmp_path / "placeholder-adapter"
             folder.mkdir()
             (folder / "adapter_config.json").write_text("{}")
-            (folder / "adapter_model.safetensors").write_bytes(b"x")
+            save_file({"placeholder": torch.zeros(1)}, str(folder / "adapter_model.safetensors"))
             mlflow.log_artifacts(str(folder), "adapter")
     return run.info.run_id
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from realign import models, tracking
@@ -293,7 +293,7 @@ def _hand_logged_run(stage, base, tmp_path, tags=None):
         folder = tmp_path / "placeholder-adapter"
         folder.mkdir(exist_ok=True)
         (folder / "adapter_config.json").write_text("{}")
-        (folder / "adapter_model.safetensors").write_bytes(b"x")
+        save_file({"placeholder": torch.zeros(1)}, str(folder / "adapter_model.safetensors"))
         mlflow.log_artifacts(str(folder), "adapter")
     return run.info.run_id
 

@@ -4,6 +4,8 @@ import os
 
 import mlflow
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from realign import tracking
 from realign.errors import RealignError
@@ -22,7 +24,7 @@ def _fake_stage_run(stage="align", method="sft", base="tiny", status="FINISHED",
             folder = tmp_path / f"adapter-{run.info.run_id}"
             folder.mkdir()
             (folder / "adapter_config.json").write_text("{}")
-            (folder / "adapter_model.safetensors").write_bytes(b"x")
+            save_file({"placeholder": torch.zeros(1)}, str(folder / "adapter_model.safetensors"))
             mlflow.log_artifacts(str(folder), "adapter")
         if status == "FINISHED":
             mlflow.set_tag(tracking.TAG_COMPLETE, "true")

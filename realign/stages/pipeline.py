@@ -230,9 +230,9 @@ def run_pipeline(overrides: dict[str, Any]) -> str:
     overrides = dict(overrides)
     name = str(overrides.pop("name", None) or "default")
     spec = load_experiment(name, overrides)
-    check_cells(spec)
     tags = {tracking.TAG_STAGE: "pipeline", tracking.TAG_PIPELINE: str(spec.path.name)}
     with tracking.parent_run(f"pipeline/{spec.name}", spec.experiment, tags) as parent_id:
+        check_cells(spec)  # a bad value in any cell fails the parent run before the first stage starts
         # Under `mlflow run` the parent lives where mlflow put it; the stage runs go next to it.
         spec.experiment = tracking.experiment_of(parent_id)
         done: dict[str, list[Cell]] = {}
