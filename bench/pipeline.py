@@ -37,6 +37,20 @@ def stage_run_count(workdir: Path) -> int:
     return sum(1 for run in runs if run.data.tags.get("realign.stage") not in (None, "pipeline", "compare"))
 
 
+def stage_seconds(workdir: Path) -> dict[str, float]:
+    """Wall seconds of each stage run (by run name), from MLflow's own start and end times."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    seconds: dict[str, float] = {}
+    for run in mlflow.search_runs(search_all_experiments=True, output_format="list"):
+        if run.data.tags.get("realign.stage") in (None, "pipeline") or not run.info.end_time:
+            continue
+        name = run.data.tags.get("mlflow.runName", run.info.run_id)
+        seconds[name] = seconds.get(name, 0.0) + (run.info.end_time - run.info.start_time) / 1000
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="default", help="conf/experiments/<name>.yaml or a path to one")
@@ -48,6 +62,8 @@ def main() -> None:
 
     first = run_pipeline(name, workdir)
     runs_first = stage_run_count(workdir)
+    for stage_name, seconds in sorted(stage_seconds(workdir).items(), key=lambda item: -item[1]):
+        print(f"stage_s[{stage_name}]: {seconds:.1f}", flush=True)
     second = run_pipeline(name, workdir)
     runs_second = stage_run_count(workdir)
     print(f"first_run_s: {first:.1f}")
