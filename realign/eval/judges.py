@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -43,6 +44,8 @@ def _dtype_for(device: str) -> torch.dtype:
 
 def _load_error(judge_name: str, judge_path: str, error: Exception) -> RealignError:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if judge_path.startswith(("/", ".", "~")) and not Path(judge_path).expanduser().exists():
+        reason = "no such directory"  # transformers would call it a malformed hub id
     return RealignError(
         f"judge {judge_name} could not load from {judge_path} ({reason})",
         "pass judge_path=<dir or hub id> of a local copy of the judge model (offline, the hub is unreachable: "
