@@ -38,6 +38,7 @@ TAG_OUTPUT = "realign.output"  # which artifact holds the run's model: "adapter"
 TAG_SWEEP = "realign.sweep"  # on a parent run: the parameter its child runs sweep (expo: alpha)
 TAG_CODE_VERSION = "realign.code_version"  # hash of the code and presets that made the run (pipeline reuse)
 TAG_PIPELINE = "realign.pipeline"  # on a pipeline's parent run: the experiment file it ran
+TAG_PROCESS = "realign.process"  # <host>:<pid> of the process that runs it: a dead one's RUNNING run is FAILED
 TAG_RESUMED_FROM = "realign.resumed_from"  # <dead run id>/checkpoint-<step> a training stage resumed from
 # Stages that may run as several processes (`accelerate launch`): they train; only the main process logs.
 MULTI_PROCESS_STAGES = ("align", "attack")
@@ -399,6 +400,7 @@ def _start_stage_run(stage: str, experiment: str, run_name: str | None, new_run:
             mlflow.set_experiment(experiment)
         with _env_without("MLFLOW_RUN_ID"):
             run = mlflow.start_run(run_name=run_name or stage)
+    mark_dead_runs(run.info.experiment_id)
     return run.info.run_id
 
 
@@ -407,7 +409,7 @@ def _ended_when_done(ctx: StageRun, run_name: str | None) -> Iterator[StageRun]:
     """Tag and name the active run, then end it: FINISHED, or FAILED (KILLED on Ctrl-C) with the error tagged."""
     mlflow = _mlflow()
     try:
-        ctx.set_tags({TAG_STAGE: ctx.stage, TAG_CODE_VERSION: code_version()})
+        ctx.set_tags({TAG_STAGE: ctx.stage, TAG_CODE_VERSION: code_version(), TAG_PROCESS: this_process()})
         if run_name:
             ctx.set_name(run_name)
         yield ctx
@@ -438,12 +440,57 @@ def child_run(parent: StageRun, run_name: str) -> Iterator[StageRun]:
         yield child
 
 
-def mark_abandoned(run_id: str, note: str) -> None:
-    """FAILED, with `note` as its error, for a run still RUNNING whose process is known to be dead."""
+def this_process() -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_is_alive(process: str) -> bool:
+    """Whether `<host>:<pid>` still runs; a process of another machine counts as alive (we cannot tell)."""
+    import socket
+
+    host, _, pid = process.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mark_dead_runs(experiment_id: str) -> list[str]:
+    """FAILED, with the reason tagged, for every RUNNING run of this machine whose process is gone (SIGKILL, OOM).
+
+    Such runs were never reused or taken as inputs (they are not complete); this only stops the UI calling them
+    running. Returns their ids.
+    """
+    client = _mlflow().MlflowClient()
+    query = f"attributes.status = 'RUNNING' and tags.`{TAG_PROCESS}` != ''"
+    dead = []
+    with contextlib.suppress(Exception):  # housekeeping: never the reason a stage fails
+        for run in client.search_runs([experiment_id], query, max_results=200):
+            process = run.data.tags.get(TAG_PROCESS, "")
+            if process and not process_is_alive(process):
+                mark_abandoned(run.info.run_id, f"its process {process} died before the run ended")
+                dead.append(run.info.run_id)
+    return dead
+
+
+def mark_abandoned(run_id: str, note: str, overwrite: bool = False) -> None:
+    """FAILED, with `note` as its error, for a run still RUNNING whose process is known to be dead.
+
+    `overwrite=True` also replaces the note on a run already marked FAILED (a resumed run names its successor).
+    """
     client = _mlflow().MlflowClient()
     with contextlib.suppress(Exception):  # gone or already ended: nothing to mark
-        if client.get_run(run_id).info.status == "RUNNING":
+        status = client.get_run(run_id).info.status
+        if status == "RUNNING" or (overwrite and status == "FAILED"):
             client.set_tag(run_id, TAG_ERROR, note)
+        if status == "RUNNING":
             client.set_terminated(run_id, "FAILED")
 
 
@@ -533,8 +580,9 @@ def parent_run(name: str, experiment: str, tags: dict[str, str]) -> Iterator[str
     else:
         experiment_id = _experiment_id(experiment) or client.create_experiment(experiment)
         run_id = client.create_run(experiment_id, run_name=name).info.run_id
-    for key, value in {TAG_CODE_VERSION: code_version(), **tags}.items():
+    for key, value in {TAG_CODE_VERSION: code_version(), TAG_PROCESS: this_process(), **tags}.items():
         client.set_tag(run_id, key, str(value))
+    mark_dead_runs(client.get_run(run_id).info.experiment_id)
     try:
         with _env_without("MLFLOW_RUN_ID"):  # stages open runs of their own
             yield run_id

@@ -132,3 +132,28 @@ def test_metrics_callback_logs_into_the_stage_run(tracking_store):
     history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
     assert [(m.value, m.step) for m in history] == [(1.5, 3)]
     assert mlflow.get_run(run_id).data.metrics["rewards/chosen"] == 0.25
+
+
+def test_a_stage_start_marks_running_runs_of_dead_processes_failed(tracking_store):
+    import socket
+    import subprocess
+    import sys
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("realign")
+    host = socket.gethostname()
+    owners = {"dead": f"{host}:{dead_pid}", "alive": f"{host}:{os.getpid()}", "elsewhere": f"other-host:{dead_pid}"}
+    runs = {}
+    for name, process in owners.items():
+        runs[name] = client.create_run(experiment_id).info.run_id
+        client.set_tag(runs[name], tracking.TAG_PROCESS, process)
+
+    with tracking.stage_run("align") as run:
+        assert mlflow.get_run(run.run_id).data.tags[tracking.TAG_PROCESS] == f"{host}:{os.getpid()}"
+
+    dead = mlflow.get_run(runs["dead"])
+    assert dead.info.status == "FAILED" and "died before the run ended" in dead.data.tags[tracking.TAG_ERROR]
+    assert mlflow.get_run(runs["alive"]).info.status == "RUNNING"
+    assert mlflow.get_run(runs["elsewhere"]).info.status == "RUNNING", "another machine's process is not judged"

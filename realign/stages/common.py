@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,14 +91,14 @@ def plan_checkpoints(run, cfg: Any) -> Checkpoints:
 
 def _claim(folder: Path, run_id: str) -> Checkpoints:
     """Own `folder` for this process; resume from its newest checkpoint if its last owner is gone."""
-    from realign import models
+    from realign import models, tracking
 
     folder.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id}
+    me = {"process": tracking.this_process(), "run_id": run_id}
     with models.exclusive_lock(folder / ".lock"):
         owner_file = folder / "owner.json"
         owner = json.loads(owner_file.read_text()) if owner_file.is_file() else None
-        if owner and _alive(owner):
+        if owner and tracking.process_is_alive(str(owner.get("process", ""))):
             # The same config is training right now in another process: share nothing with it.
             apart = folder.with_name(f"{folder.name}-{run_id}")
             apart.mkdir(parents=True, exist_ok=True)
@@ -111,18 +110,6 @@ def _claim(folder: Path, run_id: str) -> Checkpoints:
         return Checkpoints(folder)
     newest = max(steps, key=lambda p: int(p.name.rsplit("-", 1)[1]))
     return Checkpoints(folder, str(newest), owner.get("run_id") if owner else None)
-
-
-def _alive(owner: dict) -> bool:
-    if owner.get("host") != socket.gethostname():
-        return True  # another machine's process: we cannot tell, so we do not take its folder
-    try:
-        os.kill(int(owner["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, KeyError):
-        return True
-    return True
 
 
 def nan_guard():
@@ -168,7 +155,8 @@ def train_lora(run, start_dir: str, model_cfg, lora, trainer_cls, trainer_config
                                                  f"{Path(resume_from).name}"})
         if checkpoints.previous_run and run.is_main:
             tracking.mark_abandoned(checkpoints.previous_run,
-                                    f"its process died; run {run.run_id} resumed from {Path(resume_from).name}")
+                                    f"its process died; run {run.run_id} resumed from {Path(resume_from).name}",
+                                    overwrite=True)
     try:
         loss = trainer.train(resume_from_checkpoint=resume_from).training_loss
         if loss is None or not math.isfinite(loss):
