@@ -151,3 +151,16 @@ def test_every_case_is_in_the_error_catalogue():
     catalogue = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text()
     missing = [case for case, *_ in CASES if f"`{case}`" not in catalogue]
     assert not missing, f"docs/errors.md lacks {missing}"
+
+
+def test_a_one_process_stage_launched_as_several_says_so_before_opening_a_run(store, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    before = _run_ids()
+
+    result = CliRunner().invoke(main, ["score", "--model", "tiny", "--model-run", store["sft"]])
+
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: the score stage runs as one process, not 2 — run it without accelerate "
+                                     "launch; only align, attack train")
+    assert _run_ids() == before
