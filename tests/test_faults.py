@@ -83,26 +83,36 @@ def test_a_stage_killed_mid_training_is_never_reused_and_the_same_command_resume
 
 
 def test_two_processes_under_accelerate_launch_make_one_run_with_a_working_adapter(tmp_path):
-    """`accelerate launch` with the shipped DDP config, 2 CPU processes (gloo): rank 0 alone logs."""
+    """DPO on an SFT run under `accelerate launch` with the shipped DDP config, 2 CPU processes (gloo).
+
+    Both processes read the SFT input and the merged start weights the main process wrote; rank 0 alone logs.
+    """
     config = Path(__file__).resolve().parent.parent / "conf" / "accelerate" / "ddp.yaml"
     env = _env(tmp_path)
-    args = ["align", "--method", "sft", "--sft-run", "none", "--model", "tiny", "--data.num_examples", "16",
-            "--train.max_steps", "2", "--train.per_device_train_batch_size", "4", "--train.max_length", "96",
-            "--train.learning_rate", "1e-2", "--eval.judge", "keyword", "--eval.num_prompts", "4",
-            "--eval.max_new_tokens", "8"]
+    budget = ["--model", "tiny", "--data.num_examples", "16", "--train.max_steps", "2",
+              "--train.per_device_train_batch_size", "4", "--train.max_length", "96", "--train.learning_rate", "1e-2",
+              "--eval.judge", "keyword", "--eval.num_prompts", "4", "--eval.max_new_tokens", "8"]
+    sft = subprocess.run([sys.executable, "-m", "realign.cli", "align", "--method", "sft", "--sft-run", "none",
+                          *budget, "--eval.enabled", "false"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert sft.returncode == 0, sft.stderr[-2000:]
+    sft_id = sft.stdout.strip().splitlines()[-1].split()[-1]
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                             "--num_processes", "2", "-m", "realign.cli", *args],
+                             "--num_processes", "2", "-m", "realign.cli", "align", "--method", "dpo",
+                             "--sft-run", sft_id, *budget],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     printed = {line.split()[-1] for line in result.stdout.splitlines() if line.startswith("run ")}
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    runs = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+            if r.info.run_id != sft_id]
     assert len(runs) == 1, "only the main process opens a run"
     run = runs[0]
     assert printed == {run.info.run_id}, "every process reports the main process's run"
     assert run.info.status == "FINISHED" and run.data.tags[tracking.TAG_COMPLETE] == "true"
-    # 16 examples, 4 per process, 2 steps: one epoch only if both processes trained on their own half.
+    assert run.data.tags["realign.source.sft"] == sft_id
+    # 16 pairs, 4 per process, 2 steps: one epoch only if both processes trained on their own half.
     assert run.data.metrics["epoch"] == pytest.approx(1.0)
     assert "harmful_score" in run.data.metrics, "the main process evaluated"
     adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter",

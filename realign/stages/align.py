@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from realign import data, models, tracking
+from realign import data, distributed, models, tracking
 from realign.config import AlignConfig, resolve_stage_config
 from realign.errors import RealignError
 from realign.stages.common import plan_checkpoints, train_lora, trainer_arguments
@@ -133,7 +133,10 @@ def run_align(overrides: dict[str, Any], new_run: bool = False) -> str:
         run.log_dataset(train_set, name=f"align-{method.data_format}-{cfg.data.source}", context="training",
                         hub_path=None if cfg.data.source == "builtin" else cfg.data.source)
 
-        start_dir = models.materialize_merged(cfg.model, base_adapters, run.workdir / "start")
+        # One merged copy, written by the main process; the others of an accelerate launch read it (one machine,
+        # or a workdir on a shared filesystem).
+        start_dir = distributed.agree(
+            lambda: models.materialize_merged(cfg.model, base_adapters, run.workdir / "start"))
         adapter_dir = train_adapter(cfg, method, start_dir, train_set, run)
 
         if cfg.eval.enabled and run.is_main:  # under accelerate launch, one process evaluates

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from realign import data, models, tracking
+from realign import data, distributed, models, tracking
 from realign.config import AttackConfig, resolve_stage_config
 from realign.errors import RealignError
 from realign.stages.common import plan_checkpoints, train_lora, trainer_arguments
@@ -72,7 +72,9 @@ def run_attack(overrides: dict[str, Any]) -> str:
         run.log_dataset(train_set, name=f"attack-{cfg.task}-p{cfg.ratio:g}-n{cfg.size}", context="training")
 
         aligned_chain = run.adapter_chain(source)
-        start_dir = models.materialize_merged(cfg.model, aligned_chain, run.workdir / "aligned")
+        # One merged copy, written by the main process; the others of an accelerate launch read it.
+        start_dir = distributed.agree(lambda: models.materialize_merged(cfg.model, aligned_chain,
+                                                                        run.workdir / "aligned"))
         adapter_dir = train_attack_adapter(cfg, start_dir, train_set, run)
 
         if cfg.eval.enabled and run.is_main:  # under accelerate launch, one process evaluates
