@@ -33,6 +33,38 @@ def module_store(tmp_path_factory, name):
         yield folder, uri
 
 
+def stand_in_adapter(folder):
+    """A PEFT-shaped folder for hand-logged runs that a check must refuse before any model is built.
+
+    Its weights file is valid safetensors (artifact integrity is checked on download) holding one zero tensor:
+    no test loads it as an adapter. Returns the folder.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text("{}")
+    save_file({"unused": torch.zeros(1)}, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def assert_adapter_changes_tiny_model(adapter_dir):
+    """The adapter, put on the tiny base model, changes its logits (a trained adapter is never a no-op)."""
+    import torch
+    from peft import PeftModel
+
+    from realign import models
+    from realign.config import ModelConfig
+
+    peft_model = PeftModel.from_pretrained(models.load_model(ModelConfig(name="tiny", source="tiny")), str(adapter_dir))
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        with peft_model.disable_adapter():
+            before = peft_model(ids).logits
+        after = peft_model(ids).logits
+    assert not torch.allclose(before, after), "the adapter must change the model's outputs"
+
+
 @pytest.fixture
 def store(chain, monkeypatch, tmp_path):
     """The module's store (its `chain` fixture) from a fresh working directory: stages find inputs by run id."""

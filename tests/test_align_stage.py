@@ -8,9 +8,9 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
-from peft import PeftModel
 from safetensors.torch import load_file
 
+from conftest import assert_adapter_changes_tiny_model
 from realign import models, tracking
 from realign.cli import main
 from realign.config import ModelConfig
@@ -51,14 +51,7 @@ def test_each_method_trains_a_reloadable_adapter(tracking_store, tiny_overrides,
     config = json.load(open(f"{adapter}/adapter_config.json"))
     assert config["r"] == 16 and set(config["target_modules"]) == set(models.DEFAULT_TARGET_MODULES)
 
-    base = models.load_model(ModelConfig(name="tiny", source="tiny"))
-    peft_model = PeftModel.from_pretrained(base, adapter)
-    ids = torch.tensor([[5, 17, 42, 99, 7]])
-    with torch.no_grad():
-        with peft_model.disable_adapter():
-            before = peft_model(ids).logits
-        after = peft_model(ids).logits
-    assert not torch.allclose(before, after), "the adapter must change the model's outputs"
+    assert_adapter_changes_tiny_model(adapter)
 
 
 def test_preference_method_starts_from_an_sft_run(tracking_store, tiny_overrides):

@@ -10,7 +10,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from realign import models, tracking
@@ -19,7 +19,7 @@ from realign.config import ModelConfig
 from realign.stages.align import run_align
 from realign.stages.expo import run_expo
 
-from conftest import TINY, module_store
+from conftest import TINY, module_store, stand_in_adapter
 
 TINY_MODEL = ModelConfig(name="tiny", source="tiny")
 EXPO = {
@@ -208,7 +208,7 @@ def test_defaults_pick_the_newest_dpo_run_and_the_sft_run_it_was_trained_on(stor
 
 
 def _hand_logged_align_run(method, base, tmp_path, adapter=True):
-    """A finished align run logged with plain MLflow calls (placeholder adapter files, or none), for the checks
+    """A finished align run logged with plain MLflow calls (stand-in adapter files, or none), for the checks
     that must refuse it before any model is loaded.
 
     In an experiment of its own, so that the default-run lookups in experiment realign never see it.
@@ -218,10 +218,7 @@ def _hand_logged_align_run(method, base, tmp_path, adapter=True):
         mlflow.set_tags({tracking.TAG_STAGE: "align", tracking.TAG_METHOD: method, tracking.TAG_BASE_MODEL: base,
                          tracking.TAG_COMPLETE: "true"})
         if adapter:
-            folder = tmp_path / "placeholder-adapter"
-            folder.mkdir()
-            (folder / "adapter_config.json").write_text("{}")
-            save_file({"placeholder": torch.zeros(1)}, str(folder / "adapter_model.safetensors"))
+            folder = stand_in_adapter(tmp_path / "stand-in-adapter")
             mlflow.log_artifacts(str(folder), "adapter")
     return run.info.run_id
 

@@ -10,12 +10,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
-from peft import PeftModel
 from safetensors.torch import load_file
 
-from realign import models, tracking
-from realign.config import ModelConfig
+from conftest import assert_adapter_changes_tiny_model
+from realign import tracking
 
 # Long enough to be killed after its first checkpoint, short enough to finish in seconds once resumed.
 ALIGN = ["align", "--method", "sft", "--sft-run", "none", "--model", "tiny", "--data.num_examples", "32",
@@ -118,11 +116,4 @@ def test_two_processes_under_accelerate_launch_make_one_run_with_a_working_adapt
     adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter",
                                                   dst_path=str(tmp_path / "adapter"))
     assert json.loads(Path(adapter, "adapter_config.json").read_text())["r"] == 16
-    base = models.load_model(ModelConfig(name="tiny", source="tiny"))
-    tuned = PeftModel.from_pretrained(base, adapter)
-    ids = torch.tensor([[5, 17, 42, 99, 7]])
-    with torch.no_grad():
-        with tuned.disable_adapter():
-            before = tuned(ids).logits
-        after = tuned(ids).logits
-    assert not torch.allclose(before, after), "the adapter changes the model"
+    assert_adapter_changes_tiny_model(adapter)

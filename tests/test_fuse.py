@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from realign import models, tracking
@@ -24,7 +24,7 @@ from realign.stages.align import run_align
 from realign.stages.attack import run_attack
 from realign.stages.fuse import model_layout, run_fuse
 
-from conftest import TINY, module_store
+from conftest import TINY, module_store, stand_in_adapter
 
 TINY_MODEL = ModelConfig(name="tiny", source="tiny")
 FUSE = {
@@ -290,10 +290,7 @@ def _hand_logged_run(stage, base, tmp_path, tags=None):
     with mlflow.start_run() as run:
         mlflow.set_tags({tracking.TAG_STAGE: stage, tracking.TAG_METHOD: "dpo", tracking.TAG_BASE_MODEL: base,
                          tracking.TAG_COMPLETE: "true", **(tags or {})})
-        folder = tmp_path / "placeholder-adapter"
-        folder.mkdir(exist_ok=True)
-        (folder / "adapter_config.json").write_text("{}")
-        save_file({"placeholder": torch.zeros(1)}, str(folder / "adapter_model.safetensors"))
+        folder = stand_in_adapter(tmp_path / "stand-in-adapter")
         mlflow.log_artifacts(str(folder), "adapter")
     return run.info.run_id
 

@@ -4,9 +4,8 @@ import os
 
 import mlflow
 import pytest
-import torch
-from safetensors.torch import save_file
 
+from conftest import stand_in_adapter
 from realign import tracking
 from realign.errors import RealignError
 
@@ -21,10 +20,7 @@ def _fake_stage_run(stage="align", method="sft", base="tiny", status="FINISHED",
     with mlflow.start_run() as run:
         mlflow.set_tags({tracking.TAG_STAGE: stage, tracking.TAG_METHOD: method, tracking.TAG_BASE_MODEL: base})
         if adapter:
-            folder = tmp_path / f"adapter-{run.info.run_id}"
-            folder.mkdir()
-            (folder / "adapter_config.json").write_text("{}")
-            save_file({"placeholder": torch.zeros(1)}, str(folder / "adapter_model.safetensors"))
+            folder = stand_in_adapter(tmp_path / f"adapter-{run.info.run_id}")
             mlflow.log_artifacts(str(folder), "adapter")
         if status == "FINISHED":
             mlflow.set_tag(tracking.TAG_COMPLETE, "true")
