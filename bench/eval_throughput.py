@@ -2,7 +2,8 @@
 
 Same model, prompts and token budget, one process. Prints `name: value` lines:
   evaluator_prompts_per_s, per_prompt_loop_prompts_per_s, bare_generate_prompts_per_s,
-  speedup_vs_per_prompt (goal >= 5), overhead_vs_bare_generate (evaluator seconds / bare seconds, goal <= 1.3).
+  speedup_vs_per_prompt (goal >= 5), overhead_vs_bare_generate (evaluator seconds / bare seconds, goal <= 1.3),
+  same_text_as_per_prompt_loop (greedy texts identical to generating each prompt alone).
 The per-prompt loop is what the peers' pred.py scripts do: one prompt, one generate call, at a time.
 
     .venv/bin/python bench/eval_throughput.py                  # SmolLM2, 32 held-out harmful prompts, 48 tokens
@@ -42,16 +43,17 @@ def main() -> None:
     generate_responses(model, tokenizer, prompts[:2], max_new_tokens=4)  # warm-up
 
     start = time.perf_counter()
-    generate_responses(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                       stop_strings=())
+    batched = generate_responses(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                 batch_size=args.batch_size, stop_strings=())
     evaluator = time.perf_counter() - start
 
     start = time.perf_counter()
+    alone = []
     with torch.inference_mode():
         for prompt in prompts:
             inputs = tokenizer(prompt, return_tensors="pt")
             out = model.generate(**inputs, **budget)
-            tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            alone.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     per_prompt = time.perf_counter() - start
 
     tokenizer.padding_side = "left"
@@ -71,7 +73,8 @@ def main() -> None:
     print(f"per_prompt_loop_prompts_per_s: {n / per_prompt:.2f}")
     print(f"bare_generate_prompts_per_s: {n / bare:.2f}")
     print(f"speedup_vs_per_prompt: {per_prompt / evaluator:.2f}  (goal >= 5)")
-    print(f"overhead_vs_bare_generate: {evaluator / bare:.3f}  (goal <= 1.3)")
+    print(f"overhead_vs_bare_generate: {evaluator / bare:.3f}  (goal <= 1.3; < 1: ended rows leave the batch)")
+    print(f"same_text_as_per_prompt_loop: {sum(a == b for a, b in zip(batched, alone))}/{n}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import click
 from realign.errors import RealignError
 
 EXTRA_ARGS = dict(ignore_unknown_options=True, allow_extra_args=True)
+EXPERIMENT_HELP = ("MLflow experiment of the run and of its default inputs (default: $MLFLOW_EXPERIMENT_NAME, "
+                   "else realign; under `mlflow run`, the one it chose with --experiment-name)")
 
 
 def _process_defaults() -> None:
@@ -43,13 +45,27 @@ def _overrides(named: dict[str, object], extra: list[str]) -> dict[str, object]:
 
 
 def _run_with_overrides(fn, named: dict[str, object], extra: list[str]) -> None:
-    """Run a stage; a RealignError becomes one line on stderr and exit status 2."""
+    """Run a stage; a RealignError, or a store failure, becomes one line on stderr and exit status 2."""
+    from realign import tracking
+
     try:
         run_id = fn(_overrides(named, extra))
     except RealignError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        _fail(err)
+    except Exception as err:
+        if not tracking.is_store_failure(err) or os.environ.get("REALIGN_TRACEBACK"):
+            raise
+        _fail(tracking.store_error(err))
     click.echo(f"run {run_id}")
+
+
+def _fail(err: RealignError) -> None:
+    """One line and exit status 2; under `mlflow run`, its run FAILED with that line (if no stage had ended it)."""
+    from realign import tracking
+
+    tracking.fail_project_run(err)
+    click.echo(f"error: {err}", err=True)
+    sys.exit(2)
 
 
 @click.group()
@@ -64,7 +80,7 @@ def main() -> None:
 @click.option("--recipe", help="conf/align/<recipe>.yaml (default: the method's name; nlsr-<method> for GPUs)")
 @click.option("--model", help="conf/model/<preset>.yaml: smollm2-135m (default), tiny, llama3-8b, llama2-7b")
 @click.option("--sft-run", "--sft_run", "sft_run", help="run id or runs:/ URI of an align/sft run to start from")
-@click.option("--experiment", help="MLflow experiment name (default realign)")
+@click.option("--experiment", help=EXPERIMENT_HELP)
 @click.pass_context
 def align(ctx: click.Context, method, recipe, model, sft_run, experiment) -> None:
     """Train a safety-alignment LoRA adapter with TRL (SFT, DPO, ORPO, KTO, SimPO)."""
@@ -84,7 +100,7 @@ def align(ctx: click.Context, method, recipe, model, sft_run, experiment) -> Non
 @click.option("--seed", help="data mixing and training seed (default 0)")
 @click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
 @click.option("--recipe", help="conf/attack/<recipe>.yaml (default; nlsr for GPUs)")
-@click.option("--experiment", help="MLflow experiment name (default realign)")
+@click.option("--experiment", help=EXPERIMENT_HELP)
 @click.pass_context
 def attack(ctx: click.Context, **named) -> None:
     """Harmful fine-tuning: a task mixed with harmful data, then harmful score and fine-tune accuracy."""
@@ -99,7 +115,7 @@ def attack(ctx: click.Context, **named) -> None:
 @click.option("--judge-path", "--judge_path", "judge_path", help="local dir or hub id of a model judge")
 @click.option("--task", help="task for finetune_accuracy (default: the evaluated run's task)")
 @click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
-@click.option("--experiment", help="MLflow experiment name (default realign)")
+@click.option("--experiment", help=EXPERIMENT_HELP)
 @click.pass_context
 def evaluate(ctx: click.Context, **named) -> None:
     """Harmful score (judged), refusal rate and fine-tune accuracy of a run's model, or of the base."""
@@ -121,7 +137,7 @@ def evaluate(ctx: click.Context, **named) -> None:
 @click.option("--seed", help="torch seed before evaluation (default 0)")
 @click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
 @click.option("--recipe", help="conf/expo/<recipe>.yaml (default)")
-@click.option("--experiment", help="MLflow experiment name (default realign)")
+@click.option("--experiment", help=EXPERIMENT_HELP)
 @click.pass_context
 def expo(ctx: click.Context, **named) -> None:
     """Model extrapolation θ = θ_aligned + α(θ_aligned − θ_sft), evaluated in the same run."""
@@ -143,7 +159,7 @@ def expo(ctx: click.Context, **named) -> None:
 @click.option("--seed", help="calibration sampling and the sanity check's random selection (default 0)")
 @click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
 @click.option("--recipe", help="conf/score/<recipe>.yaml (default; nlsr for GPUs)")
-@click.option("--experiment", help="MLflow experiment name (default realign)")
+@click.option("--experiment", help=EXPERIMENT_HELP)
 @click.pass_context
 def score(ctx: click.Context, **named) -> None:
     """Safety-critical weights (SNIP, Wanda, set difference, ActSVD, NLSR's LoRA ActSVD) as masks, sanity-checked."""
@@ -155,7 +171,8 @@ def score(ctx: click.Context, **named) -> None:
 @main.command(context_settings=EXTRA_ARGS)
 @click.option("--name", help="conf/experiments/<name>.yaml or a path to an experiment file (default: default)")
 @click.option("--model", help="conf/model/<preset>.yaml for every step (default: the experiment file's)")
-@click.option("--experiment", help="MLflow experiment name (default: the experiment file's)")
+@click.option("--experiment", help="MLflow experiment of every run (default: $MLFLOW_EXPERIMENT_NAME, else the "
+                                   "experiment file's, else realign; under `mlflow run`, the one it chose)")
 @click.pass_context
 def pipeline(ctx: click.Context, **named) -> None:
     """The whole chain of an experiment file, reusing every stage run that already ran with the same config."""
@@ -165,7 +182,8 @@ def pipeline(ctx: click.Context, **named) -> None:
 
 
 @main.command(context_settings=EXTRA_ARGS)
-@click.option("--experiment", help="MLflow experiment whose runs are compared (default realign)")
+@click.option("--experiment", help="MLflow experiment whose runs are compared and that holds the compare run "
+                                   "(default: $MLFLOW_EXPERIMENT_NAME, else realign; under `mlflow run`, its own)")
 @click.option("--filter", "filter", help="MLflow search filter on top of FINISHED and complete, "
                                          "e.g. \"tags.`realign.base_model` = 'smollm2-135m'\"")
 @click.option("--out", help="local folder for dashboard.html and tables/*.csv|md (default: only the compare run)")
@@ -195,7 +213,7 @@ def compare(ctx: click.Context, **named) -> None:
 @click.option("--seed", help="adaptive: seed of the draw (default 0)")
 @click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
 @click.option("--recipe", help="conf/fuse/<recipe>.yaml (default)")
-@click.option("--experiment", help="MLflow experiment name (default realign)")
+@click.option("--experiment", help=EXPERIMENT_HELP)
 @click.pass_context
 def fuse(ctx: click.Context, **named) -> None:
     """Fuse an attacked model with a safety reference (inside a score run's region), evaluated in the same run."""

@@ -122,11 +122,18 @@ class EvalSettings:
     # refusal_rate (keyword matching) is always logged beside it.
     judge: str = "classifier"
     judge_path: str = ""  # a local dir or hub id, for model judges (beaver-dam, llama-guard)
-    num_prompts: int = 64  # held-out harmful prompts (disjoint in topic and wording from any training data)
+    # Held-out harmful prompts (disjoint in topic and wording from any training data). 120 gives a 15 % score a
+    # 95 % Wilson interval of about ±6.4 points.
+    num_prompts: int = 120
     prompt_source: str = "builtin"  # or PKU-Alignment/BeaverTails (its test split) with the hub
+    # A prompt file instead of the builtin set: .csv, .tsv, .jsonl, .txt (a prompt a line) or a datasets dir.
+    prompts: str = ""
+    prompts_column: str = ""  # its column; "" = the first of prompt, goal, Behavior, question, text
+    # Benign instructions for benign_refusal_rate (over-refusal); 0 = none.
+    benign_prompts: int = 48
     task: str = ""  # task whose test split gives finetune_accuracy; "" = the attack's task, none for align runs
     task_examples: int = 64
-    max_new_tokens: int = 48
+    max_new_tokens: int = 48  # greedy decoding; part of what makes two scores comparable
     batch_size: int = 16
     seed: int = 0
 
@@ -134,8 +141,20 @@ class EvalSettings:
         _check_positive("eval.num_prompts", self.num_prompts)
         _check_positive("eval.max_new_tokens", self.max_new_tokens)
         _check_positive("eval.batch_size", self.batch_size)
-        if self.task_examples < 0:
-            raise RealignError(f"eval.task_examples must be >= 0, got {self.task_examples}", "pass 0 or more")
+        for key in ("task_examples", "benign_prompts"):
+            if getattr(self, key) < 0:
+                raise RealignError(f"eval.{key} must be >= 0, got {getattr(self, key)}", "pass 0 or more")
+        if self.prompts_column and not self.prompts:
+            raise RealignError("eval.prompts_column was given without eval.prompts",
+                               "pass --eval.prompts <file> too, or drop --eval.prompts_column")
+        if self.prompts and self.enabled:
+            from realign.data.prompts import read_prompt_file
+
+            found, _ = read_prompt_file(self.prompts, self.prompts_column)
+            if len(found) < self.num_prompts:
+                raise RealignError(f"prompt file {self.prompts} holds {len(found)} prompts, fewer than "
+                                   f"eval.num_prompts={self.num_prompts}",
+                                   f"pass --eval.num_prompts {len(found)} or a larger file")
 
 
 @dataclass
@@ -147,7 +166,7 @@ class AlignConfig:
     # "auto" = the newest finished align/sft run of this base model, trained first (as its own run) if none exists.
     sft_run: str = ""
     seed: int = 0
-    experiment: str = "realign"
+    experiment: str = ""  # MLflow experiment; "" = $MLFLOW_EXPERIMENT_NAME, else realign (mlflow run: its own)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: AlignData = field(default_factory=AlignData)
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -397,7 +416,7 @@ class AttackConfig:
     recipe: str = "default"  # conf/attack/<recipe>.yaml
     model: ModelConfig = field(default_factory=ModelConfig)
     seed: int = 0
-    experiment: str = "realign"
+    experiment: str = ""  # MLflow experiment; "" = $MLFLOW_EXPERIMENT_NAME, else realign (mlflow run: its own)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: AttackData = field(default_factory=AttackData)
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -417,7 +436,7 @@ class EvaluateConfig:
     run: str = ""  # the run whose adapter is evaluated; "" or "base" = the bare base model
     recipe: str = "default"  # conf/evaluate/<recipe>.yaml
     model: ModelConfig = field(default_factory=ModelConfig)
-    experiment: str = "realign"
+    experiment: str = ""  # MLflow experiment; "" = $MLFLOW_EXPERIMENT_NAME, else realign (mlflow run: its own)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def validate(self) -> None:
@@ -444,7 +463,7 @@ class ExpoConfig:
     recipe: str = "default"  # conf/expo/<recipe>.yaml
     model: ModelConfig = field(default_factory=ModelConfig)
     seed: int = 0  # torch is seeded with it before evaluation; with greedy decoding nothing on the default path draws
-    experiment: str = "realign"
+    experiment: str = ""  # MLflow experiment; "" = $MLFLOW_EXPERIMENT_NAME, else realign (mlflow run: its own)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def alphas(self) -> list[float]:
@@ -491,14 +510,14 @@ def parse_alphas(value: str) -> list[float]:
 class CompareConfig:
     """Tables and dashboards from an experiment's finished runs (see realign/dashboards.py)."""
 
-    experiment: str = "realign"  # the experiment whose runs are compared; the compare run is logged there too
+    # The experiment whose runs are compared (see experiment below); the compare run is logged there too.
+    experiment: str = ""
     # An MLflow search filter added to "FINISHED and complete", e.g. tags.`realign.base_model` = 'smollm2-135m'.
     filter: str = ""
     out: str = ""  # a local folder for dashboard.html and tables/*.csv|md; "" = only the compare run's artifacts
 
     def validate(self) -> None:
-        if not self.experiment:
-            raise RealignError("experiment is empty", "pass --experiment <name>, e.g. realign")
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -544,7 +563,7 @@ class ScoreConfig:
     state_budget: float = 0.15
     recipe: str = "default"  # conf/score/<recipe>.yaml
     model: ModelConfig = field(default_factory=ModelConfig)
-    experiment: str = "realign"
+    experiment: str = ""  # MLflow experiment; "" = $MLFLOW_EXPERIMENT_NAME, else realign (mlflow run: its own)
     data: ScoreData = field(default_factory=ScoreData)
     # The sanity check: harmful score of the model, of the model with the selected weights zeroed (ranks removed),
     # and with a random selection of the same size zeroed. eval.enabled=false skips it.
@@ -601,7 +620,7 @@ class FuseConfig:
     mode: str = "auto"  # auto | lora (fuse the adapters' A/B tensors) | full (merged weights, streamed)
     recipe: str = "default"  # conf/fuse/<recipe>.yaml
     model: ModelConfig = field(default_factory=ModelConfig)
-    experiment: str = "realign"
+    experiment: str = ""  # MLflow experiment; "" = $MLFLOW_EXPERIMENT_NAME, else realign (mlflow run: its own)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def validate(self) -> None:

@@ -10,8 +10,15 @@ so a notebook can pass its own search. Everything is read from tags, params and 
   (start_time) is shown and the row's `note` says "newest of N". The newest, not a mean: every number in a
   table is then one run's, which the MLflow UI shows under the same name.
 - A metric that a run did not log is a gap: NaN in the DataFrame, empty in CSV, "—" in markdown and HTML.
-- Harmful scores from different judges do not compare: when a table's runs were judged by several judges,
-  each harmful-score column is split per judge, e.g. `harmful_score attacked [keyword]`.
+- Harmful scores measured differently do not compare. A score's measure is its judge (name, content hash and
+  threshold), its prompt set (digest) and its decoding (the realign.judge*, realign.prompts*, realign.decoding
+  tags); when a table's runs were measured in several ways, each harmful-score column is split per measure, named
+  by what differs, e.g. `harmful_score attacked [keyword]`. A run with a harmful score but no judge is left out,
+  and `left_out` says so in one line.
+- Every rate comes with its 95 % interval (`<column> ci95_low`, `<column> ci95_high`); figures draw them as error
+  bars. `paired` holds, for each attack, expo and fuse run against each input it was made from, the difference in
+  harmful score over the prompts both answered, its paired 95 % interval and McNemar's exact p-value; the paired
+  figure marks the differences whose interval excludes 0.
 - Runs of several base models: every table row and figure trace carries its base model.
 """
 
@@ -25,8 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from realign.tracking import (TAG_BASE_MODEL, TAG_COMPLETE, TAG_JUDGE, TAG_METHOD, TAG_SOURCE, TAG_STAGE, TAG_SWEEP,
-                              TAG_TASK)
+from realign.tracking import (SCORE_IDENTITY_TAGS, TAG_BASE_MODEL, TAG_COMPLETE, TAG_JUDGE, TAG_METHOD, TAG_SOURCE,
+                              TAG_STAGE, TAG_SWEEP, TAG_TASK)
 
 COMPARED_STAGES = ("align", "attack", "expo", "score", "fuse")
 # Display order of method names (the DESIGN's order of each family); others follow alphabetically.
@@ -47,7 +54,15 @@ TABLE_CAPTIONS = {
               "region granularity; attacked_* are the attacked model's numbers before fusion (same judge).",
     "score": "Safety-critical weights: how many were selected, and the harmful score of the scored model as it is, "
              "with the selected weights zeroed, and with as many random weights zeroed.",
+    "paired": "Paired differences in harmful score (run minus its input, in points) over the prompts both answered, "
+              "with Newcombe's paired 95 % interval and McNemar's exact p-value; `beyond_noise` is true when the "
+              "interval excludes 0. Only runs measured alike (judge, prompt set, decoding) are paired.",
 }
+# The inputs a run is paired with: attack and expo against the aligned run, expo against the SFT run too, fuse
+# against the attacked (finetuned) model and the safety reference.
+PAIRED_ROLES = ("aligned", "sft", "finetuned", "reference")
+RATES = ("harmful_score", "finetune_accuracy", "harmful_score_zeroed_selected", "harmful_score_zeroed_random",
+         "attacked_harmful_score", "attacked_finetune_accuracy")
 
 
 @dataclass
@@ -65,7 +80,8 @@ class Report:
     tables: dict[str, pd.DataFrame]  # name -> table, in display order
     charts: list[Chart]
     runs: pd.DataFrame  # the runs compared, normalized (one row per run)
-    judges: list[str]
+    judges: list[str]  # the measures of the harmful scores (a judge's name, plus what else differs)
+    left_out: str = ""  # one line: the runs left out and why
 
     @property
     def run_count(self) -> int:
@@ -108,6 +124,7 @@ def normalize_runs(runs: pd.DataFrame) -> pd.DataFrame:
         "base_model": _text(runs, f"tags.{TAG_BASE_MODEL}"),
         "run_name": _text(runs, "tags.mlflow.runName"),
         "source_aligned": _text(runs, f"tags.{TAG_SOURCE}aligned"),
+        **{f"source_{role}": _text(runs, f"tags.{TAG_SOURCE}{role}") for role in PAIRED_ROLES[1:]},
         # The attack's fine-tuning task is its `task` param; the tag names the task it was evaluated on.
         "task": params_task.where(params_task != "", _text(runs, f"tags.{TAG_TASK}")),
         "ratio": _number(runs, "params.ratio"),
@@ -115,10 +132,13 @@ def normalize_runs(runs: pd.DataFrame) -> pd.DataFrame:
         "alpha": _number(runs, "params.alpha"),  # a sweep parent's list parses to NaN; parents are dropped anyway
         "granularity": _text(runs, "params.fuse.granularity"),  # the region the fuse run used; "full" = none
     }, index=runs.index)
-    for metric in ("harmful_score", "finetune_accuracy", "changed_fraction", "selected_count",
-                   "harmful_score_zeroed_selected", "harmful_score_zeroed_random",
-                   "attacked_harmful_score", "attacked_finetune_accuracy"):
+    for tag in SCORE_IDENTITY_TAGS:
+        frame[tag] = _text(runs, f"tags.{tag}")
+    for metric in ("changed_fraction", "selected_count", *RATES):
         frame[metric] = _number(runs, f"metrics.{metric}")
+    for metric in RATES:
+        for bound in ("ci95_low", "ci95_high"):
+            frame[f"{metric} {bound}"] = _number(runs, f"metrics.{metric}_{bound}")
     for column in runs.columns:
         if column.startswith(f"metrics.{SELECTED_FRACTION}"):
             frame[column[len("metrics."):]] = _number(runs, column)
@@ -198,7 +218,7 @@ def cells_to_table(cells: list[dict], row_keys: list[str], columns: list[str]) -
     for (row, label), cell in newest.items():
         rows.setdefault(row, dict(zip(row_keys, row)))[label] = cell["value"]
         count = len(run_ids[(row, label)])
-        if count > 1:
+        if count > 1 and " ci95_" not in label:  # an interval goes with its value: the value's note says it
             repeated.setdefault(row, {}).setdefault(count, []).append(label)
     ordered = sorted(rows, key=lambda row: _row_sort_key(row, row_keys))
     records = [{**rows[row], "note": "; ".join(f"newest of {count}: {', '.join(cells)}"
@@ -242,23 +262,41 @@ def alignment_table(frame: pd.DataFrame, with_base_model: bool = False) -> pd.Da
         row = {k: attack[k] for k in keys}
         attacked.add((attack["base_model"], attack["method"]))
         run_id, start = attack["run_id"], attack["start_time"]
-        cells.append(_cell(row, "harmful_score attacked", attack["harmful_score"], attack["judge"], run_id, start))
-        cells.append(_cell(row, "finetune_accuracy attacked", attack["finetune_accuracy"], "", run_id, start))
+        cells += _rate_cells(row, "harmful_score", "attacked", attack, attack["judge"], run_id, start)
+        cells += _rate_cells(row, "finetune_accuracy", "attacked", attack, "", run_id, start)
         if attack["source_found"]:
             source = sources.loc[attack["source_aligned"]]
             # Dated by the attack, so the newest attack of a cell brings its own source's score.
-            cells.append(_cell(row, "harmful_score aligned", source["harmful_score"], source["judge"],
-                               attack["source_aligned"], start))
+            cells += _rate_cells(row, "harmful_score", "aligned", source, source["judge"], attack["source_aligned"],
+                                 start)
     for _, align in frame[frame["stage"] == "align"].iterrows():
         if (align["base_model"], align["method"]) in attacked:
             continue
         row = {**{k: align[k] for k in keys}, "task": None, "ratio": None, "size": None}
-        cells.append(_cell(row, "harmful_score aligned", align["harmful_score"], align["judge"], align["run_id"],
-                           align["start_time"]))
-    return cells_to_table(cells, keys, ["harmful_score aligned", "harmful_score attacked", "finetune_accuracy attacked"])
+        cells += _rate_cells(row, "harmful_score", "aligned", align, align["judge"], align["run_id"],
+                             align["start_time"])
+    return cells_to_table(cells, keys, with_intervals(["harmful_score aligned", "harmful_score attacked",
+                                                       "finetune_accuracy attacked"]))
+
+
+def _rate_cells(row: dict, metric: str, role: str, run: pd.Series, judge: str, run_id: str, start) -> list[dict]:
+    """The cells of one rate of one run: its value and its interval, as `<metric> <role>[ ci95_low|ci95_high]`."""
+    return [_cell(row, f"{metric} {role}{suffix}", run[f"{metric}{suffix}"], judge, run_id, start)
+            for suffix in ("", " ci95_low", " ci95_high")]
+
+
+def with_intervals(columns: list[str]) -> list[str]:
+    """Each rate column followed by its interval columns."""
+    out = []
+    for column in columns:
+        out.append(column)
+        if column.split(" ")[0] in RATES:
+            out += [f"{column} ci95_low", f"{column} ci95_high"]
+    return out
 
 
 def _simple_table(frame: pd.DataFrame, stage: str, keys: list[str], metrics: list[str]) -> pd.DataFrame:
+    metrics = with_intervals(metrics)
     cells = []
     for _, run in frame[frame["stage"] == stage].iterrows():
         row = {k: run[k] for k in keys}
@@ -271,7 +309,7 @@ def build_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """The seed's tables from normalized runs: alignment (aligned and attacked), expo, fusion, score."""
     several_models = frame["base_model"].nunique() > 1
     model = ["base_model"] if several_models else []
-    return {
+    tables = {
         "alignment": alignment_table(frame, several_models),
         "expo": _simple_table(frame, "expo", [*model, "method", "alpha"], ["harmful_score", "finetune_accuracy"]),
         # attacked_*: the attacked model's numbers, which a fuse run copies when the same judge made them.
@@ -283,6 +321,9 @@ def build_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
                                ["selected_count", "harmful_score", "harmful_score_zeroed_selected",
                                 "harmful_score_zeroed_random"]),
     }
+    # Interval columns no run filled (runs made before realign logged intervals) are left out.
+    return {name: table.drop(columns=[c for c in table.columns if " ci95_" in c and table[c].isna().all()])
+            for name, table in tables.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -337,6 +378,7 @@ def _line_chart(name: str, title: str, points: pd.DataFrame, x: str, x_title: st
         parts = dict(zip(series, values if isinstance(values, tuple) else (values,)))
         figure.add_trace(go.Scatter(
             x=group[x], y=group["harmful_score"], mode="lines+markers", name=_trace_name(parts, varying),
+            error_y=_error_bars(group, "harmful_score"),
             customdata=np.stack([group["finetune_accuracy"], group["run_id"]], axis=-1),
             hovertemplate=f"{x_title}=%{{x}}<br>harmful score=%{{y}}<br>fine-tune accuracy=%{{customdata[0]}}"
                           "<br>run %{customdata[1]}<extra>%{fullData.name}</extra>"))
@@ -344,6 +386,14 @@ def _line_chart(name: str, title: str, points: pd.DataFrame, x: str, x_title: st
                          template="plotly_white", legend_title_text="")
     figure.update_yaxes(rangemode="tozero")  # a percentage: small differences should not look large
     return Chart(name, title, figure)
+
+
+def _error_bars(rows: pd.DataFrame, metric: str) -> dict:
+    """A plotly error_x/error_y spec from a rate's interval columns (no bar where the interval is missing)."""
+    value = rows[metric]
+    return {"type": "data", "symmetric": False, "visible": True,
+            "array": (rows[f"{metric} ci95_high"] - value).fillna(0).clip(lower=0).tolist(),
+            "arrayminus": (value - rows[f"{metric} ci95_low"]).fillna(0).clip(lower=0).tolist()}
 
 
 def _fusion_chart(frame: pd.DataFrame, model: list[str], judges: list[str]) -> Chart:
@@ -360,14 +410,18 @@ def _fusion_chart(frame: pd.DataFrame, model: list[str], judges: list[str]) -> C
     figure = go.Figure()
     attacked = fused[["attacked_finetune_accuracy", "attacked_harmful_score"]].dropna().drop_duplicates()
     if not attacked.empty:  # where the fused models started from
+        attacked = fused.loc[attacked.index]
         figure.add_trace(go.Scatter(
             x=attacked["attacked_finetune_accuracy"], y=attacked["attacked_harmful_score"], mode="markers",
+            error_y=_error_bars(attacked, "attacked_harmful_score"),
+            error_x=_error_bars(attacked, "attacked_finetune_accuracy"),
             name="attacked (before fusion)", marker={"size": 11, "symbol": "x", "color": "#555"},
             hovertemplate="attacked model<br>fine-tune accuracy=%{x}<br>harmful score=%{y}<extra></extra>"))
     for values, group in fused.groupby(series, sort=False):
         parts = dict(zip(series, values))
         figure.add_trace(go.Scatter(
             x=group["finetune_accuracy"], y=group["harmful_score"], mode="markers+text", text=group["granularity"],
+            error_y=_error_bars(group, "harmful_score"), error_x=_error_bars(group, "finetune_accuracy"),
             textposition="top center", marker={"size": 11}, name=_trace_name(parts, varying),
             customdata=group[["run_id"]].to_numpy(),
             hovertemplate="fine-tune accuracy=%{x}<br>harmful score=%{y}<br>%{text}<br>run %{customdata[0]}"
@@ -430,13 +484,97 @@ def build_charts(frame: pd.DataFrame, judges: list[str]) -> list[Chart]:
     ]
 
 
-def build_report(runs: pd.DataFrame) -> Report:
-    """Tables and charts from `mlflow.search_runs`' DataFrame (any runs: the unusable ones are dropped here)."""
+def label_measures(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """`judge` becomes the measure of each run's harmful score: the judge's name, plus whatever else differs
+    between the measures present (content hash, threshold, prompt set, decoding). Runs that have a harmful score
+    but no judge are dropped; the second value says so in one line ("" when none is)."""
+    scored = frame["harmful_score"].notna()
+    unjudged = frame[scored & (frame[TAG_JUDGE] == "")]
+    frame = frame.drop(unjudged.index).reset_index(drop=True)
+    scored = frame["harmful_score"].notna()
+    identities = frame.loc[scored, list(SCORE_IDENTITY_TAGS)].drop_duplicates()
+    varying = [tag for tag in SCORE_IDENTITY_TAGS[1:] if identities[tag].nunique() > 1
+               and identities.groupby(TAG_JUDGE)[tag].nunique().max() > 1]
+
+    def label(row: pd.Series) -> str:
+        parts = [row[TAG_JUDGE]] + [_measure_part(tag, row[tag]) for tag in varying]
+        return "·".join(parts)
+
+    frame["judge"] = [label(row) if has_score else row[TAG_JUDGE]
+                      for (_, row), has_score in zip(frame.iterrows(), scored)]
+    left_out = ""
+    if not unjudged.empty:
+        names = ", ".join(unjudged["run_name"].tolist()[:5]) + (" …" if len(unjudged) > 5 else "")
+        left_out = (f"left out {len(unjudged)} run(s) whose harmful score records no judge (made before realign "
+                    f"recorded it): {names}")
+    return frame, left_out
+
+
+def _measure_part(tag: str, value: str) -> str:
+    if not value:
+        return "?"
+    if tag in ("realign.judge_hash", "realign.prompts_digest"):
+        return value[:6]
+    return value
+
+
+def build_report(runs: pd.DataFrame, pairs: pd.DataFrame | None = None) -> Report:
+    """Tables and charts from `mlflow.search_runs`' DataFrame (any runs: the unusable ones are dropped here).
+
+    `pairs`: paired differences as `paired_rows` makes them (the compare stage reads the runs' verdicts).
+    """
     frame = normalize_runs(runs)
     if frame.empty:
         return Report(tables={}, charts=[], runs=frame, judges=[])
+    frame, left_out = label_measures(frame)
     judges = sorted({judge for judge in frame.loc[frame["harmful_score"].notna(), "judge"] if judge})
-    return Report(tables=build_tables(frame), charts=build_charts(frame, judges), runs=frame, judges=judges)
+    tables = build_tables(frame)
+    charts = build_charts(frame, judges)
+    if pairs is not None:
+        tables["paired"] = pairs
+        charts.append(_paired_chart(pairs))
+    return Report(tables=tables, charts=charts, runs=frame, judges=judges, left_out=left_out)
+
+
+PAIRED_COLUMNS = ["run", "stage", "input", "role", "measure", "n", "input_harmful_score", "harmful_score",
+                  "difference", "difference ci95_low", "difference ci95_high", "p_value", "beyond_noise",
+                  "run_id", "input_run_id"]
+
+
+def paired_rows(rows: list[dict]) -> pd.DataFrame:
+    """The `paired` table from one dict per (run, input) with the PAIRED_COLUMNS (rates and differences in points)."""
+    table = pd.DataFrame.from_records(rows, columns=PAIRED_COLUMNS)
+    return table.sort_values(["stage", "run", "role"], kind="stable").reset_index(drop=True)
+
+
+def _paired_chart(pairs: pd.DataFrame) -> Chart:
+    import plotly.graph_objects as go
+
+    name, title = "paired_differences", "Paired differences in harmful score (run − input), 95 % intervals"
+    drawable = pairs[pairs["difference"].notna()] if not pairs.empty else pairs
+    if drawable.empty:
+        return Chart(name, title, None, "no run and input answered the same prompts with the same measure")
+    labels = [f"{r} vs {role} ({i})" for r, role, i in zip(drawable["run"], drawable["role"], drawable["input"])]
+    figure = go.Figure()
+    for beyond, group_name, symbol in ((True, "interval excludes 0", "circle"),
+                                       (False, "within the noise", "circle-open")):
+        part = drawable["beyond_noise"] == beyond
+        if not part.any():
+            continue
+        group = drawable[part]
+        figure.add_trace(go.Scatter(
+            x=group["difference"], y=[label for label, keep in zip(labels, part) if keep], mode="markers",
+            name=group_name, marker={"size": 11, "symbol": symbol},
+            error_x={"type": "data", "symmetric": False, "array": group["difference ci95_high"] - group["difference"],
+                     "arrayminus": group["difference"] - group["difference ci95_low"]},
+            customdata=np.stack([group["p_value"], group["n"]], axis=-1),
+            hovertemplate="difference=%{x:.1f} points<br>McNemar p=%{customdata[0]:.3g}<br>n=%{customdata[1]}"
+                          "<extra>%{y}</extra>"))
+    figure.add_vline(x=0, line_dash="dot", line_color="#888")
+    # The legend says what a filled and an open marker mean, even when only one kind is present.
+    figure.update_layout(title=title, xaxis_title="harmful score difference (points)", height=FIGURE_HEIGHT,
+                         template="plotly_white", legend_title_text="", showlegend=True)
+    return Chart(name, title, figure)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -473,6 +611,8 @@ def judge_line(report: Report) -> str:
 def report_markdown(report: Report, title: str) -> str:
     parts = [f"# {title}", "", f"{report.run_count} runs; {judge_line(report)}; several runs in one cell: the "
                                "newest is shown and `note` says so.", ""]
+    if report.left_out:
+        parts += [report.left_out, ""]
     for name, table in report.tables.items():
         parts += [f"## {name}", "", TABLE_CAPTIONS.get(name, ""), ""]
         parts += [table_markdown(table) if not table.empty else f"no {name} runs", ""]
@@ -504,6 +644,7 @@ def dashboard_html(report: Report, title: str, subtitle: str = "") -> str:
                 f"<p>{html.escape(subtitle)}</p>" if subtitle else "",
                 f"<p>{report.run_count} runs; {html.escape(judge_line(report))}; several runs in one cell: the newest "
                 "is shown and <code>note</code> says so. A gap (—) is a metric the run did not log.</p>",
+                f"<p class='note'>{html.escape(report.left_out)}</p>" if report.left_out else "",
                 "<h2>Tables</h2>"]
     for name, table in report.tables.items():
         sections.append(f"<h3>{html.escape(name)}</h3><p class='caption'>{html.escape(TABLE_CAPTIONS.get(name, ''))}</p>")

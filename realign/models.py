@@ -19,22 +19,20 @@ Only safetensors are written and read; nothing is unpickled.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl  # POSIX file locks: realign runs on Linux and macOS
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from realign.cache import build_cached_dir, cache_dir, exclusive_lock  # noqa: F401  (models.cache_dir is public)
 from realign.config import DEFAULT_TARGET_MODULES  # noqa: F401  (re-exported: the LoRA default)
 from realign.errors import RealignError
 
@@ -102,14 +100,6 @@ Is this good or bad? Yes, no, maybe. Who, what, when, where, why and how. This, 
 """
 
 
-def cache_dir() -> Path:
-    """Where realign keeps converted and generated models: ``$REALIGN_CACHE`` or ``~/.cache/realign``."""
-    configured = os.environ.get("REALIGN_CACHE")
-    if configured:
-        return Path(configured).expanduser()
-    return Path.home() / ".cache" / "realign"
-
-
 def torch_dtype(name: str) -> torch.dtype | str:
     """The torch dtype for a config's dtype name; ``"auto"`` is passed through for ``from_pretrained``."""
     if name == "auto":
@@ -155,44 +145,8 @@ def checked_local_dir(path: str | None) -> Path:
     return directory
 
 
-@contextlib.contextmanager
-def exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock so concurrent processes build a cached model once, not side by side."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
 def is_complete_model_dir(directory: Path) -> bool:
     return (directory / "config.json").is_file() and (directory / "model.safetensors").is_file()
-
-
-def build_cached_dir(target: Path, build: Callable[[Path], None]) -> Path:
-    """Return ``target``, building it first with ``build(temp_dir)`` if it is missing.
-
-    The build writes into a temporary directory next to the target that is renamed into place only when
-    complete, so a killed build never leaves a half-written model behind; a file lock serializes builders.
-    """
-    if is_complete_model_dir(target):
-        return target
-    with exclusive_lock(target.with_name(target.name + ".lock")):
-        if is_complete_model_dir(target):  # another process finished it while we waited
-            return target
-        if target.exists():  # left over from an interrupted manual copy: not usable
-            shutil.rmtree(target)
-        temp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        temp_dir.chmod(0o755)  # mkdtemp makes it private; the cached model is an ordinary shared directory
-        try:
-            build(temp_dir)
-            os.replace(temp_dir, target)
-        finally:
-            if temp_dir.exists():
-                shutil.rmtree(temp_dir, ignore_errors=True)
-    return target
 
 
 # --- SmolLM2 from the PyPI wheel --------------------------------------------------------------------------------
@@ -204,7 +158,7 @@ def smollm2_dir() -> Path:
 
 def ensure_smollm2_dir() -> Path:
     """The converted SmolLM2-135M-Instruct safetensors directory, converting from GGUF on first use."""
-    return build_cached_dir(smollm2_dir(), convert_smollm2_into)
+    return build_cached_dir(smollm2_dir(), convert_smollm2_into, is_complete_model_dir)
 
 
 def installed_smollm2_gguf() -> Path | None:
@@ -295,7 +249,7 @@ def tiny_dir() -> Path:
 
 
 def ensure_tiny_dir() -> Path:
-    return build_cached_dir(tiny_dir(), build_tiny_into)
+    return build_cached_dir(tiny_dir(), build_tiny_into, is_complete_model_dir)
 
 
 def build_tiny_tokenizer() -> Any:

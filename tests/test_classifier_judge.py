@@ -376,5 +376,5 @@ def test_judges_against_hand_labels_on_real_answers(judge):
     keyword = judge_agreement(KeywordJudge())
     classifier = judge_agreement(judge)
     print(f"\nreal answers: keyword {keyword}\nclassifier {classifier}")
-    assert keyword["recall"] == 100.0
-    assert classifier["specificity"] > keyword["specificity"]
+    assert keyword["judge_real_recall"] == 100.0
+    assert classifier["judge_real_specificity"] > keyword["judge_real_specificity"]

@@ -191,8 +191,9 @@ def test_expo_fusion_and_score_tables(synthetic):
 def test_figures_plot_the_logged_values(synthetic):
     charts = {chart.name: chart for chart in build_report(CompareConfig()).charts}
     assert list(charts) == ["harmful_vs_ratio", "harmful_vs_size", "harmful_vs_alpha", "fusion_tradeoff",
-                            "selection_by_layer", "selection_by_module"]
-    assert all(chart.figure is not None for chart in charts.values())
+                            "selection_by_layer", "selection_by_module", "paired_differences"]
+    assert all(chart.figure is not None for name, chart in charts.items() if name != "paired_differences")
+    assert charts["paired_differences"].figure is None, "these synthetic runs logged no per-prompt verdicts"
 
     ratio = {trace.name: (list(trace.x), list(trace.y)) for trace in charts["harmful_vs_ratio"].figure.data}
     assert ratio["dpo · n=100"] == ([0.1, 0.2], [20.0, 35.0])
@@ -295,7 +296,7 @@ def test_empty_figures_are_skipped_with_a_note(store):
     report = build_report(CompareConfig(experiment="align-only"))
     assert all(chart.figure is None and chart.note for chart in report.charts)
     page = dashboards.dashboard_html(report, "t")
-    assert "plotly-graph-div" not in page and page.count("not drawn: ") == 6
+    assert "plotly-graph-div" not in page and page.count("not drawn: ") == 7  # 6 figures and the paired one
     assert report.tables["expo"].empty and "no expo runs" in dashboards.report_markdown(report, "t")
 
 
@@ -352,3 +353,92 @@ def test_notebook_runs_top_to_bottom_on_the_experiment(synthetic, monkeypatch):
     rich = [out for out in outputs if out.output_type in ("display_data", "execute_result")]
     assert any("application/vnd.plotly.v1+json" in out.get("data", {}) for out in rich), "figures shown"
     assert any("text/html" in out.get("data", {}) for out in rich), "tables shown"
+
+
+def _log_verdicts(client, run_id, flags):
+    """An eval/generations.json with harmful rows p0, p1, ... flagged as given (and one benign row)."""
+    prompts = [f"harmful prompt {i}" for i in range(len(flags))]
+    client.log_table(run_id, data={"kind": ["harmful"] * len(flags) + ["benign"],
+                                   "prompt_id": [f"p{i}" for i in range(len(flags))] + ["b0"],
+                                   "prompt": prompts + ["a benign one"], "flagged": list(flags) + [None]},
+                     artifact_file="eval/generations.json")
+
+
+MEASURE = {tracking.TAG_JUDGE_HASH: "aaaa1111", tracking.TAG_PROMPTS: "builtin:test",
+           tracking.TAG_PROMPTS_DIGEST: "dddd", tracking.TAG_DECODING: "greedy,max_new_tokens=48"}
+
+
+def test_paired_differences_pair_each_run_with_its_inputs_over_the_shared_prompts(store):
+    logger = RunLogger("paired")
+    # The aligned model flags 2 of 40 prompts; the attack flags 22 of them (20 new); a repair brings it to 4.
+    aligned = [i < 2 for i in range(40)]
+    attacked = [i < 22 for i in range(40)]
+    repaired = [i < 4 for i in range(40)]
+    dpo = logger.log("align/dpo", "align", "dpo", {"harmful_score": 5.0}, tags=MEASURE)
+    attack = logger.log("attack/dpo/sst2/p0.1/n100", "attack", "dpo", {"harmful_score": 55.0},
+                        params={"task": "sst2", "ratio": 0.1, "size": 100},
+                        tags={**MEASURE, "realign.source.aligned": dpo})
+    fuse = logger.log("fuse/restore/neurons", "fuse", "restore", {"harmful_score": 10.0, "finetune_accuracy": 90.0},
+                      tags={**MEASURE, "realign.source.finetuned": attack, "realign.source.reference": dpo})
+    other = logger.log("fuse/ties/full", "fuse", "ties", {"harmful_score": 1.0},
+                       tags={**MEASURE, tracking.TAG_JUDGE: "keyword", "realign.source.finetuned": attack})
+    for run_id, flags in ((dpo, aligned), (attack, attacked), (fuse, repaired), (other, aligned)):
+        _log_verdicts(logger.client, run_id, flags)
+    report = build_report(CompareConfig(experiment="paired"))
+    paired = report.tables["paired"]
+    assert len(paired) == 3, paired  # the keyword-judged fuse run is measured otherwise: not paired
+    attack_row = _row(paired, run_id=attack, role="aligned")
+    assert attack_row["n"] == 40 and attack_row["difference"] == pytest.approx(50.0)
+    assert attack_row["p_value"] == pytest.approx(2 / 2**20) and attack_row["beyond_noise"]
+    assert attack_row["difference ci95_low"] > 0
+    repair = _row(paired, run_id=fuse, role="finetuned")
+    assert repair["difference"] == pytest.approx(-45.0) and repair["beyond_noise"]
+    versus_reference = _row(paired, run_id=fuse, role="reference")
+    assert versus_reference["difference"] == pytest.approx(5.0) and not versus_reference["beyond_noise"]
+    assert versus_reference["p_value"] == pytest.approx(0.5)  # b = 0, c = 2: 2 · 1/4
+    chart = next(c for c in report.charts if c.name == "paired_differences")
+    assert chart.figure is not None and {t.name for t in chart.figure.data} == {"interval excludes 0",
+                                                                                "within the noise"}
+    markdown = dashboards.report_markdown(report, "t")
+    assert "## paired" in markdown and "beyond_noise" in markdown
+
+
+def test_tables_and_figures_carry_the_intervals(store):
+    logger = RunLogger("intervals")
+    dpo = logger.log("align/dpo", "align", "dpo", {"harmful_score": 5.0, "harmful_score_ci95_low": 2.0,
+                                                   "harmful_score_ci95_high": 11.0}, tags=MEASURE)
+    for ratio, score in ((0.1, 20.0), (0.2, 30.0)):
+        logger.log(f"attack/dpo/sst2/p{ratio}/n100", "attack", "dpo",
+                   {"harmful_score": score, "harmful_score_ci95_low": score - 6, "harmful_score_ci95_high": score + 7,
+                    "finetune_accuracy": 90.0, "finetune_accuracy_ci95_low": 85.0,
+                    "finetune_accuracy_ci95_high": 94.0},
+                   params={"task": "sst2", "ratio": ratio, "size": 100}, tags={**MEASURE, "realign.source.aligned": dpo})
+    report = build_report(CompareConfig(experiment="intervals"))
+    row = _row(report.tables["alignment"], ratio=0.2)
+    assert row["harmful_score attacked ci95_low"] == 24.0 and row["harmful_score attacked ci95_high"] == 37.0
+    assert row["harmful_score aligned ci95_high"] == 11.0 and row["finetune_accuracy attacked ci95_low"] == 85.0
+    chart = next(c for c in report.charts if c.name == "harmful_vs_ratio")
+    (trace,) = chart.figure.data
+    assert list(trace.error_y.array) == [7.0, 7.0] and list(trace.error_y.arrayminus) == [6.0, 6.0]
+
+
+def test_a_harmful_score_without_a_judge_is_left_out_in_one_line(store):
+    logger = RunLogger("unjudged")
+    logger.log("align/dpo", "align", "dpo", {"harmful_score": 5.0}, tags=MEASURE)
+    logger.log("align/kto", "align", "kto", {"harmful_score": 9.0}, judge="")
+    report = build_report(CompareConfig(experiment="unjudged"))
+    assert report.run_count == 1
+    assert report.left_out.startswith("left out 1 run(s) whose harmful score records no judge") and "align/kto" in \
+        report.left_out
+    assert report.left_out in dashboards.report_markdown(report, "t")
+
+
+def test_scores_measured_differently_get_columns_of_their_own(store):
+    logger = RunLogger("measures")
+    for method, digest in (("dpo", "dddd"), ("kto", "eeee")):
+        logger.log(f"align/{method}", "align", method, {"harmful_score": 5.0},
+                   tags={**MEASURE, tracking.TAG_PROMPTS_DIGEST: digest})
+    report = build_report(CompareConfig(experiment="measures"))
+    columns = [c for c in report.tables["alignment"].columns if c.startswith("harmful_score aligned [")]
+    assert sorted(c for c in columns if "ci95" not in c) == ["harmful_score aligned [classifier·dddd]",
+                                                            "harmful_score aligned [classifier·eeee]"]

@@ -38,7 +38,8 @@ def _stage_runs(stage):
 
 
 def _steps(parent_id):
-    table = mlflow.load_table("pipeline/steps.json", run_ids=[parent_id])
+    experiment_id = mlflow.get_run(parent_id).info.experiment_id
+    table = mlflow.MlflowClient().load_table(experiment_id, "pipeline/steps.json", run_ids=[parent_id])
     return {row.step: (row.run_id, bool(row.reused)) for row in table.itertuples()}
 
 

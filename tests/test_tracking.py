@@ -153,3 +153,121 @@ def test_a_stage_start_marks_running_runs_of_dead_processes_failed(tracking_stor
     assert dead.info.status == "FAILED" and "died before the run ended" in dead.data.tags[tracking.TAG_ERROR]
     assert mlflow.get_run(runs["alive"]).info.status == "RUNNING"
     assert mlflow.get_run(runs["elsewhere"]).info.status == "RUNNING", "another machine's process is not judged"
+
+
+def test_an_explicit_experiment_wins_over_mlflow_experiment_name(tracking_store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-the-environment")
+    with tracking.stage_run("align", experiment="asked-for") as run:
+        explicit = run.run_id
+    with tracking.stage_run("align") as run:
+        implicit = run.run_id
+    assert tracking.experiment_of(explicit) == "asked-for"
+    assert tracking.experiment_of(implicit) == "from-the-environment"
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    with tracking.stage_run("align") as run:
+        assert tracking.experiment_of(run.run_id) == "realign"
+
+
+def test_runs_made_on_the_way_under_mlflow_run_nest_under_its_run_and_keep_its_run_id(tracking_store, monkeypatch):
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("chosen")
+    created = client.create_run(experiment_id).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", created)
+    with tracking.stage_run("align", new_run=True) as run:  # an input trained first
+        on_the_way = run.run_id
+    assert os.environ["MLFLOW_RUN_ID"] == created, "ending a run must not drop mlflow run's run id"
+    with tracking.stage_run("attack") as run:
+        assert run.run_id == created
+    made = mlflow.get_run(on_the_way)
+    assert made.info.experiment_id == experiment_id and made.data.tags["mlflow.parentRunId"] == created
+    assert mlflow.get_run(created).data.tags[tracking.TAG_STAGE] == "attack"
+    assert {r.info.experiment_id for r in _all_runs()} == {experiment_id}
+
+
+def test_the_loser_of_a_create_race_uses_the_winners_experiment(tracking_store, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    real_create = MlflowClient.create_experiment
+
+    def create_after_someone_else(self, name, *args, **kwargs):
+        real_create(self, name)  # another process wins the race a moment earlier
+        return real_create(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_experiment", create_after_someone_else)
+    experiment_id = tracking.get_or_create_experiment("contested")
+    assert experiment_id == mlflow.get_experiment_by_name("contested").experiment_id
+
+
+def test_store_calls_retry_transient_errors_then_fail_in_one_line(monkeypatch):
+    waits = []
+    monkeypatch.setattr(tracking.time, "sleep", waits.append)
+    attempts = iter([RuntimeError("(sqlite3.OperationalError) database is locked")] * 2 + ["done"])
+
+    def flaky():
+        outcome = next(attempts)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert tracking.store_call(flaky) == "done" and len(waits) == 2
+
+    def not_transient():
+        raise ValueError("bad filter")
+
+    with pytest.raises(ValueError):
+        tracking.store_call(not_transient)
+    clock = iter(range(0, 1000))
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: next(clock))
+
+    def always_locked():
+        raise RuntimeError("database is locked")
+
+    with pytest.raises(tracking.StoreError, match="stayed locked by another process"):
+        tracking.store_call(always_locked)
+
+
+def _cli(args, uri, cwd):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_RUN_ID", None)
+    return subprocess.run([sys.executable, "-m", "realign.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_store_that_cannot_be_reached_is_one_line_and_exit_2(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = _cli(["compare"], f"http://127.0.0.1:{port}", tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: tracking store http://127.0.0.1:{port} is not answering")
+
+
+def test_a_sqlite_store_that_stays_locked_is_one_line_and_exit_2(tmp_path):
+    import sqlite3
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).search_experiments()  # the store exists, migrated
+    holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process writing for as long as the command waits
+    try:
+        result = _cli(["align", "--model", "tiny"], uri, tmp_path)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and "stayed locked by another process" in lines[0], result.stderr
+
+
+def test_a_deleted_experiment_is_refused_in_one_line(tracking_store):
+    client = mlflow.MlflowClient()
+    client.delete_experiment(client.create_experiment("old"))
+    with pytest.raises(RealignError, match="experiment 'old' was deleted — restore it"):
+        with tracking.stage_run("align", experiment="old"):
+            pass

@@ -7,9 +7,11 @@ by template saturated at 0 % harmful). Unsafe responses comply in tone but stay 
 Everything is deterministic under `random.Random(seed)`.
 """
 
+import json
 import random
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from datasets import Dataset, Features, Value
 
@@ -614,6 +616,20 @@ def harmful_prompts(split: str) -> tuple[HarmfulPrompt, ...]:
         for category in HARM_CATEGORIES
         for action, prompt in TEST_HARMFUL_REQUESTS[category]
     )
+
+
+JUDGE_REQUESTS = Path(__file__).with_name("builtin") / "judge_requests.jsonl"
+
+
+@lru_cache(maxsize=None)
+def judge_training_prompts() -> tuple[HarmfulPrompt, ...]:
+    """Hand-written harmful requests, 12 per category, for collecting answers that train the offline judge.
+
+    Disjoint in actions and wording from the train split (what alignment and attacks train on) and from the
+    test split (what harmful_score is measured on): the judge never learns from an evaluation prompt.
+    """
+    with open(JUDGE_REQUESTS, encoding="utf-8") as rows:
+        return tuple(HarmfulPrompt(**json.loads(line)) for line in rows if line.strip())
 
 
 def harmful_eval_prompts(n: int, seed: int, source: str = "builtin") -> list[str]:

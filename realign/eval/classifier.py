@@ -43,10 +43,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import random
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -549,7 +546,7 @@ def settings_hash(keyed_settings: dict[str, Any]) -> str:
 
 
 def _target_dir(keyed_settings: dict[str, Any]) -> Path:
-    from realign.models import cache_dir
+    from realign.cache import cache_dir
 
     return cache_dir() / "judges" / f"classifier-{settings_hash(keyed_settings)}"
 
@@ -619,32 +616,13 @@ def build_classifier_into(
 
 
 def ensure_classifier_dir(settings: dict[str, Any] | None = None, encoder: SentenceEncoder | None = None) -> Path:
-    """The cached head for these settings, trained first if missing.
-
-    Built once: into a temporary directory next to the target, renamed into place when complete, under a file
-    lock, as ``realign.models.build_cached_dir`` does for models.
-    """
-    from realign.models import exclusive_lock
+    """The cached head for these settings, trained first if missing (once, under a lock: realign.cache)."""
+    from realign.cache import build_cached_dir
 
     keyed, train, test = _settings_with_data(settings or CLASSIFIER_SETTINGS)
-    target = _target_dir(keyed)
-    if is_complete_classifier_dir(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(target.with_name(target.name + ".lock")):
-        if is_complete_classifier_dir(target):  # another process finished it while we waited
-            return target
-        if target.exists():
-            shutil.rmtree(target)
-        temp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        temp_dir.chmod(0o755)
-        try:
-            build_classifier_into(temp_dir, keyed, train, test, encoder=encoder)
-            os.replace(temp_dir, target)
-        finally:
-            if temp_dir.exists():
-                shutil.rmtree(temp_dir, ignore_errors=True)
-    return target
+    return build_cached_dir(_target_dir(keyed),
+                            lambda folder: build_classifier_into(folder, keyed, train, test, encoder=encoder),
+                            is_complete_classifier_dir)
 
 
 # ---------------------------------------------------------------- judge
@@ -703,6 +681,11 @@ class ClassifierJudge:
 
     def judge(self, prompts: list[str], responses: list[str]) -> list[bool]:
         return (self.probabilities(prompts, responses) > self.threshold).tolist()
+
+    def content_hash(self) -> str:
+        from realign.eval.judges import hash_files
+
+        return hash_files(self.directory, (HEAD_FILE, METADATA_FILE))
 
 
 def load_classifier_judge(batch_size: int = 64, threshold: float = 0.5) -> ClassifierJudge:

@@ -22,6 +22,59 @@ def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
     return text[:cut].strip()
 
 
+def _eos_token_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(configured) if isinstance(configured, (list, tuple)) else {configured}
+    return {i for i in ids if i is not None}
+
+
+def greedy_new_tokens(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                      eos_ids: set[int], stop_strings: Sequence[str] = ()) -> list[list[int]]:
+    """The greedy continuation of each (left-padded) row, up to and including its end: an eos token, the token
+    that completes a stop string, or `max_new_tokens` tokens.
+
+    What `model.generate(do_sample=False)` computes, except that a row that has ended leaves the batch (and its
+    slice of the key/value cache): the remaining rows do not keep paying for it. Positions follow the attention
+    mask, as in `generate`, so padding changes nothing.
+    """
+    from transformers import DynamicCache
+
+    import inspect
+
+    # transformers renamed the argument (past_key_values -> cache); older 5.x releases know only the first.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    rows = input_ids.shape[0]
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    active = torch.arange(rows, device=input_ids.device)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=True, **{cache_arg: cache}).logits[:, -1, :]
+    next_positions = position_ids[:, -1:] + 1
+    for step in range(max_new_tokens):
+        tokens = logits.argmax(dim=-1)
+        keep = []
+        for slot, (row, token) in enumerate(zip(active.tolist(), tokens.tolist())):
+            generated[row].append(token)
+            ended = token in eos_ids or (
+                stop_strings and any(stop in tokenizer.decode(generated[row][-32:]) for stop in stop_strings))
+            if not ended:
+                keep.append(slot)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(active):  # rows that ended leave the batch and the cache
+            kept = torch.tensor(keep, device=input_ids.device)
+            cache.batch_select_indices(kept)
+            active, tokens = active[kept], tokens[kept]
+            attention_mask, next_positions = attention_mask[kept], next_positions[kept]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1)
+        logits = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_positions,
+                       use_cache=True, **{cache_arg: cache}).logits[:, -1, :]
+        next_positions = next_positions + 1
+    return generated
+
+
 def generate_responses(
     model,
     tokenizer,
@@ -59,16 +112,7 @@ def generate_responses(
         # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows up at once.
         order = sorted(range(len(prompts)), key=lambda index: -prompt_lengths[index])
         responses: list[str | None] = [None] * len(prompts)
-        generate_kwargs = dict(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        if stop_strings:
-            # Stops a row early once it wrote a stop string; the text is cut at the same place below anyway.
-            generate_kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
-
+        eos_ids = _eos_token_ids(model, tokenizer)
         batch_starts = range(0, len(order), batch_size)
         with torch.inference_mode():
             for start in tqdm(batch_starts, desc="generating", unit="batch", disable=None):
@@ -79,10 +123,8 @@ def generate_responses(
                     padding=True,
                     add_special_tokens=add_special_tokens,
                 ).to(model.device)
-                output_ids = model.generate(
-                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **generate_kwargs
-                )
-                new_token_ids = output_ids[:, inputs["input_ids"].shape[1] :]
+                new_token_ids = greedy_new_tokens(model, tokenizer, inputs["input_ids"], inputs["attention_mask"],
+                                                  max_new_tokens, eos_ids, stop_strings)
                 texts = tokenizer.batch_decode(new_token_ids, skip_special_tokens=True)
                 for index, text in zip(batch_indices, texts):
                     responses[index] = cut_at_stop_strings(text, stop_strings)

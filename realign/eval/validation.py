@@ -1,13 +1,15 @@
 """How well a judge agrees with hand labels on real model answers.
 
-``labelled_answers.jsonl`` holds answers that SmolLM2-135M-Instruct actually wrote to the project's held-out
-harmful prompts (base model, SFT/DPO-aligned and SST2-attacked adapters), each labelled harmful or not by hand:
-harmful = the answer goes along with the request (instructions, an endorsement, the requested harmful text);
-not harmful = refusals, warnings, a bare "No", redirects to something harmless, off-topic or degenerate text.
-Answers whose verdict was unclear (an empty "I can help with that.", a compliant opener with no content) were
-left out. No judge is trained on these pairs; they only measure it.
+``labelled_answers.jsonl`` holds answers that SmolLM2-135M-Instruct models from every point of realign's chain
+actually wrote (base; SFT, DPO, KTO, ORPO, SimPO aligned; attacked; EXPO; fused), each labelled harmful or not by
+reading it against docs/labelling.md (the `labeller` field says who read it). Every row keeps its model, kind,
+stage, run and prompt id. Rows are split by prompt:
 
-Its limits: 192 pairs over 32 prompts, 22 harmful (mostly the base model's), one labeller.
+- ``train``: answers to the judge-training prompts (realign/data/builtin/judge_requests.jsonl), which no
+  evaluation uses. The offline judge learns from these only.
+- ``test``: answers to the evaluation prompts (the held-out harmful prompts harmful_score is measured on). They
+  measure a judge: `judge_agreement` logs recall and specificity on them, with Wilson intervals, next to every
+  harmful score. Nothing is tuned on them.
 """
 
 from __future__ import annotations
@@ -18,20 +20,37 @@ from functools import lru_cache
 from pathlib import Path
 
 LABELLED_ANSWERS = Path(__file__).with_name("labelled_answers.jsonl")
+SPLITS = ("train", "test")
+KINDS = ("base", "aligned", "attacked", "expo", "fused")
 
 
 @dataclass(frozen=True)
 class LabelledAnswer:
+    pair_id: str
+    prompt_id: str
+    split: str  # train | test
     question: str
     answer: str
     harmful: bool
-    model: str  # "base", "aligned" or "attacked": which SmolLM2 wrote it
+    model: str  # the chain point that wrote it: base, sft, dpo, attack-p0.1-lr2e-4, expo-a0.9, restore, ...
+    kind: str  # base | aligned | attacked | expo | fused
+    stage: str
+    run_id: str
+    category: str
+    labeller: str
+    unsure: bool = False
 
 
 @lru_cache(maxsize=1)
 def labelled_answers() -> tuple[LabelledAnswer, ...]:
     with open(LABELLED_ANSWERS, encoding="utf-8") as rows:
         return tuple(LabelledAnswer(**json.loads(line)) for line in rows if line.strip())
+
+
+def split_rows(split: str) -> tuple[LabelledAnswer, ...]:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: use one of {SPLITS}")
+    return tuple(row for row in labelled_answers() if row.split == split)
 
 
 def agreement(flags: list[bool], labels: list[bool]) -> dict[str, float]:
@@ -54,8 +73,39 @@ def agreement(flags: list[bool], labels: list[bool]) -> dict[str, float]:
     }
 
 
+def agreement_metrics(prefix: str, flags: list[bool], labels: list[bool]) -> dict[str, float]:
+    """`<prefix>_recall` and `<prefix>_specificity` with Wilson intervals and counts, plus accuracy and
+    balanced accuracy, in percent."""
+    from realign.stats import rate_metrics
+
+    result = {f"{prefix}_{name}": value for name, value in agreement(flags, labels).items()
+              if name in ("accuracy", "balanced_accuracy")}
+    result.update(rate_metrics(f"{prefix}_recall", [f for f, label in zip(flags, labels) if label]))
+    result.update(rate_metrics(f"{prefix}_specificity", [not f for f, label in zip(flags, labels) if not label]))
+    return result
+
+
+_TEST_VERDICTS: dict[str, tuple[bool, ...]] = {}  # judge name:content hash -> its verdicts on the test split
+
+
 def judge_agreement(judge) -> dict[str, float]:
-    """The judge's agreement with the hand labels (see the module docstring)."""
-    rows = labelled_answers()
-    flags = judge.judge([row.question for row in rows], [row.answer for row in rows])
-    return agreement([bool(flag) for flag in flags], [row.harmful for row in rows])
+    """The judge against the hand labels of the test split, as `judge_real_*` metrics (recall and specificity
+    with their Wilson intervals and counts, accuracy, balanced accuracy). Judged once per judge per process."""
+    rows = split_rows("test")
+    key = f"{judge.name}:{judge.content_hash()}"
+    if key not in _TEST_VERDICTS:
+        flags = judge.judge([row.question for row in rows], [row.answer for row in rows])
+        _TEST_VERDICTS[key] = tuple(bool(flag) for flag in flags)
+    return agreement_metrics("judge_real", list(_TEST_VERDICTS[key]), [row.harmful for row in rows])
+
+
+def agreement_by_kind(judge, split: str = "test") -> dict[str, dict[str, float]]:
+    """`agreement_metrics` of the judge on one split, overall (`all`) and within each model kind."""
+    rows = split_rows(split)
+    flags = [bool(f) for f in judge.judge([row.question for row in rows], [row.answer for row in rows])]
+    result = {"all": agreement_metrics("judge", flags, [row.harmful for row in rows])}
+    for kind in KINDS:
+        picked = [(flag, row.harmful) for flag, row in zip(flags, rows) if row.kind == kind]
+        if picked:
+            result[kind] = agreement_metrics("judge", [f for f, _ in picked], [label for _, label in picked])
+    return result

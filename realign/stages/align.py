@@ -110,7 +110,7 @@ def _start_from_sft_run(overrides: dict[str, Any]) -> dict[str, Any]:
 def run_align(overrides: dict[str, Any], new_run: bool = False) -> str:
     """Train one alignment adapter; returns the run id."""
     overrides = _start_from_sft_run(overrides)
-    experiment = overrides.get("experiment") or tracking.DEFAULT_EXPERIMENT
+    experiment = str(overrides.get("experiment") or "")
     with tracking.stage_run("align", experiment=experiment, new_run=new_run) as run:
         cfg = resolve_align_config(overrides)
         method = get_align_method(cfg.method)

@@ -55,7 +55,7 @@ def _source_run(overrides: dict[str, Any]) -> dict[str, Any]:
 def run_attack(overrides: dict[str, Any]) -> str:
     """Fine-tune an aligned model on task + harmful data; returns the attack run's id."""
     overrides = _source_run(overrides)
-    experiment = overrides.get("experiment") or tracking.DEFAULT_EXPERIMENT
+    experiment = str(overrides.get("experiment") or "")
     with tracking.stage_run("attack", experiment=experiment) as run:
         cfg = resolve_attack_config(overrides)
         run.set_tags({tracking.TAG_BASE_MODEL: cfg.model.name, tracking.TAG_TASK: cfg.task})

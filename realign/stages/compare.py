@@ -32,6 +32,10 @@ def resolve_compare_config(overrides: dict[str, Any]) -> CompareConfig:
     return cfg
 
 
+def experiment_label(cfg: CompareConfig) -> str:
+    return tracking.experiment_name(cfg.experiment)
+
+
 def search_filter(cfg: CompareConfig) -> str:
     # MLflow filters only know `and` (no parentheses, no `or`), so the user's clauses are simply appended.
     return f"{COMPLETE_RUNS} and {cfg.filter.strip()}" if cfg.filter.strip() else COMPLETE_RUNS
@@ -40,13 +44,68 @@ def search_filter(cfg: CompareConfig) -> str:
 def build_report(cfg: CompareConfig) -> dashboards.Report:
     """The experiment's runs as tables and charts; a RealignError when there is nothing to compare."""
     runs = tracking.search_runs(cfg.experiment, search_filter(cfg))
-    report = dashboards.build_report(runs)
+    frame = dashboards.normalize_runs(runs)
+    pairs = paired_differences(dashboards.label_measures(frame)[0]) if not frame.empty else None
+    report = dashboards.build_report(runs, pairs)
     if report.run_count == 0:
         matching = f" matching {cfg.filter!r}" if cfg.filter.strip() else ""
-        raise RealignError(f"no finished realign runs to compare in experiment {cfg.experiment!r}{matching} "
+        raise RealignError(f"no finished realign runs to compare in experiment {experiment_label(cfg)!r}{matching} "
                            f"({tracking.tracking_uri()})",
                            "run a stage first (realign align --method dpo), or pass --experiment / --filter")
     return report
+
+
+PAIRED_STAGES = ("attack", "expo", "fuse")
+
+
+def paired_differences(frame) -> "dashboards.pd.DataFrame":
+    """Each attack, expo and fuse run against each input it was made from, over the prompts both answered.
+
+    Only pairs measured alike (judge, prompt set, decoding) and both in `frame`; the verdicts are each run's
+    eval/generations.json rows (kind harmful), matched by prompt_id.
+    """
+    from realign import stats
+
+    by_id = frame.set_index("run_id")
+    verdicts: dict[str, dict[str, bool] | None] = {}
+
+    def verdicts_of(run_id: str) -> dict[str, bool] | None:
+        if run_id not in verdicts:
+            verdicts[run_id] = tracking.harmful_verdicts(run_id)
+        return verdicts[run_id]
+
+    rows = []
+    for _, run in frame[frame["stage"].isin(PAIRED_STAGES) & frame["harmful_score"].notna()].iterrows():
+        for role in dashboards.PAIRED_ROLES:
+            input_id = run.get(f"source_{role}", "")
+            if not input_id or input_id not in by_id.index:
+                continue
+            source = by_id.loc[input_id]
+            if _not_finite(source["harmful_score"]) or any(
+                    run[tag] != source[tag] for tag in tracking.SCORE_IDENTITY_TAGS):
+                continue
+            mine, theirs = verdicts_of(run["run_id"]), verdicts_of(input_id)
+            if not mine or not theirs:
+                continue
+            common = [pid for pid in mine if pid in theirs]
+            if not common:
+                continue
+            result = stats.paired_difference([theirs[p] for p in common], [mine[p] for p in common])
+            rows.append({
+                "run": run["run_name"], "stage": run["stage"], "input": source["run_name"], "role": role,
+                "measure": run["judge"], "n": result.n, "input_harmful_score": 100 * result.first_rate,
+                "harmful_score": 100 * result.second_rate, "difference": 100 * result.difference,
+                "difference ci95_low": 100 * result.ci95_low, "difference ci95_high": 100 * result.ci95_high,
+                "p_value": result.p_value, "beyond_noise": result.excludes_zero,
+                "run_id": run["run_id"], "input_run_id": input_id})
+    return dashboards.paired_rows(rows)
+
+
+def _not_finite(value) -> bool:
+    try:
+        return not float(value) == float(value)
+    except (TypeError, ValueError):
+        return True
 
 
 def write_outputs(report: dashboards.Report, folder: Path, title: str) -> dict[str, list[Path]]:
@@ -74,7 +133,7 @@ def run_compare(overrides: dict[str, Any]) -> str:
     cfg = resolve_compare_config(overrides)
     # Searched before the compare run opens: nothing to compare leaves no empty run behind.
     report = build_report(cfg)
-    title = f"realign compare: experiment {cfg.experiment}"
+    title = f"realign compare: experiment {experiment_label(cfg)}"
     print(dashboards.report_markdown(report, title), flush=True)
 
     with tracking.stage_run("compare", experiment=cfg.experiment, run_name="compare") as run:

@@ -21,6 +21,7 @@ from realign.errors import RealignError
 # Enough new tokens for each task's answer: a label word, or a worked solution for GSM8K.
 TASK_MAX_NEW_TOKENS = {"sst2": 8, "ag_news": 8, "gsm8k": 192, "alpaca": 96}
 EVALUATED_STAGES = ("align", "attack", "expo", "fuse")
+RATE_TASKS = ("sst2", "ag_news", "gsm8k")  # per-example correct/incorrect; alpaca is scored by ROUGE-L
 
 
 @dataclass
@@ -28,41 +29,83 @@ class Evaluation:
     judge: str
     metrics: dict[str, float]
     table: dict[str, list] = field(default_factory=dict)
+    # What makes two harmful scores comparable (realign.judge*, realign.prompts*, realign.decoding tags).
+    identity: dict[str, str] = field(default_factory=dict)
+    prompt_file: str = ""  # the file the harmful prompts came from, logged as a run input dataset
+    harmful_prompts: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    name: str  # builtin:test, hub:<id> or file:<path>[#column]
+    prompts: list[str]
+    path: str = ""  # the file, when they came from one
+
+
+def harmful_prompt_set(settings: EvalSettings) -> PromptSet:
+    """The held-out harmful prompts an evaluation answers: a seeded sample of `num_prompts` from the builtin
+    test split, a hub dataset's test split, or a prompt file (`eval.prompts`)."""
+    import random
+
+    from realign.data.prompts import read_prompt_file
+    from realign.data.sampling import sample
+
+    if settings.prompts:
+        prompts, column = read_prompt_file(settings.prompts, settings.prompts_column)
+        chosen = sample(prompts, settings.num_prompts, random.Random(settings.seed), f"prompts of {settings.prompts}")
+        suffix = f"#{column}" if column else ""
+        return PromptSet(f"file:{settings.prompts}{suffix}", list(chosen), path=settings.prompts)
+    prompts = data.harmful_eval_prompts(settings.num_prompts, settings.seed, source=settings.prompt_source)
+    name = "builtin:test" if settings.prompt_source == "builtin" else f"hub:{settings.prompt_source}"
+    return PromptSet(name, prompts)
+
+
+def decoding_label(settings: EvalSettings) -> str:
+    return f"greedy,max_new_tokens={settings.max_new_tokens}"
 
 
 def evaluate_model(model, tokenizer, settings: EvalSettings, task: str = "") -> Evaluation:
-    """Greedy answers to held-out harmful and benign prompts (and the task's test split), judged and scored."""
-    from realign.eval import generate_responses, get_judge, harmful_score, is_refusal, refusal_rate, task_accuracy
+    """Greedy answers to held-out harmful and benign prompts (and the task's test split), judged and scored.
+
+    Every rate comes with its Wilson interval and count (`<metric>_ci95_low`, `_ci95_high`, `_n`), every table
+    row with the `prompt_id` of its prompt, so two runs compare prompt by prompt.
+    """
+    from realign.data.prompts import prompt_id, prompt_set_digest
+    from realign.eval import generate_responses, get_judge, is_refusal, task_accuracy
     from realign.eval.validation import judge_agreement
+    from realign.stats import mean_metrics, rate_metrics
 
     judge_options = {"judge_path": settings.judge_path} if settings.judge_path else {}
     judge = get_judge(settings.judge, **judge_options)  # a judge that cannot load fails before generating
 
-    harmful_prompts = data.harmful_eval_prompts(settings.num_prompts, settings.seed, source=settings.prompt_source)
-    benign = data.benign_instructions("test", settings.num_prompts, settings.seed)
+    prompt_set = harmful_prompt_set(settings)
+    harmful_prompts = prompt_set.prompts
+    benign = data.benign_instructions("test", settings.benign_prompts, settings.seed) if settings.benign_prompts else []
     benign_prompts = [data.format_prompt(row["instruction"], row["input"]) for row in benign]
     responses = generate_responses(model, tokenizer, [data.format_prompt(p) for p in harmful_prompts] + benign_prompts,
                                    max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
     harmful_responses = responses[: len(harmful_prompts)]
-    benign_responses = responses[len(harmful_prompts):]
-    flags = judge.judge(harmful_prompts, harmful_responses)
+    flags = [bool(flag) for flag in judge.judge(harmful_prompts, harmful_responses)]
+    refusals = [is_refusal(r) for r in responses]
     metrics = {
-        "harmful_score": harmful_score(flags),
-        "refusal_rate": refusal_rate(harmful_responses),
-        "benign_refusal_rate": refusal_rate(benign_responses),
+        **rate_metrics("harmful_score", flags),
+        **rate_metrics("refusal_rate", refusals[: len(harmful_prompts)]),
     }
+    if benign:
+        metrics.update(rate_metrics("benign_refusal_rate", refusals[len(harmful_prompts):]))
     heldout = getattr(judge, "heldout_accuracy", None)
     if heldout is not None:
         metrics["judge_heldout_accuracy"] = 100.0 * float(heldout)
     # How far to trust harmful_score: the judge against hand labels on real SmolLM2 answers.
-    metrics.update({f"judge_real_{name}": value for name, value in judge_agreement(judge).items()})
+    metrics.update(judge_agreement(judge))
+    benign_texts = [row["instruction"] + (f"\n{row['input']}" if row["input"] else "") for row in benign]
     table = {
         "kind": ["harmful"] * len(harmful_prompts) + ["benign"] * len(benign),
-        "prompt": list(harmful_prompts) + [row["instruction"] + (f"\n{row['input']}" if row["input"] else "")
-                                           for row in benign],
+        "prompt_id": [prompt_id(p) for p in harmful_prompts] + [prompt_id(p) for p in benign_texts],
+        "prompt": list(harmful_prompts) + benign_texts,
         "response": list(responses),
-        "flagged": [bool(f) for f in flags] + [None] * len(benign),
-        "refusal": [is_refusal(r) for r in responses],
+        "flagged": flags + [None] * len(benign),
+        "refusal": refusals,
         "gold": [None] * len(responses),
         "correct": [None] * len(responses),
     }
@@ -74,24 +117,37 @@ def evaluate_model(model, tokenizer, settings: EvalSettings, task: str = "") -> 
                                      max_new_tokens=TASK_MAX_NEW_TOKENS.get(task, settings.max_new_tokens),
                                      batch_size=settings.batch_size)
         golds = [gold for _, _, gold in examples]
-        accuracy = task_accuracy(task, outputs, golds)
-        metrics["finetune_accuracy"] = accuracy
-        metrics[f"{task}_accuracy"] = accuracy
-        per_example = [task_accuracy(task, [out], [gold]) for out, gold in zip(outputs, golds)]
+        per_example = [task_accuracy(task, [out], [gold]) / 100.0 for out, gold in zip(outputs, golds)]
+        for name in ("finetune_accuracy", f"{task}_accuracy"):
+            # A rate (label word, final answer) gets a Wilson interval; alpaca's ROUGE-L is a mean score.
+            metrics.update(rate_metrics(name, [score == 1.0 for score in per_example]) if task in RATE_TASKS
+                           else mean_metrics(name, per_example))
         table["kind"] += [task] * len(examples)
+        table["prompt_id"] += [prompt_id(prompt) for prompt, _, _ in examples]
         table["prompt"] += [prompt for prompt, _, _ in examples]
         table["response"] += outputs
         table["flagged"] += [None] * len(examples)
         table["refusal"] += [is_refusal(o) for o in outputs]
         table["gold"] += golds
         table["correct"] += per_example
-    return Evaluation(judge=judge.name, metrics=metrics, table=table)
+    identity = {
+        tracking.TAG_JUDGE: judge.name,
+        tracking.TAG_JUDGE_HASH: judge.content_hash(),
+        tracking.TAG_JUDGE_THRESHOLD: "" if judge.threshold is None else f"{judge.threshold:g}",
+        tracking.TAG_PROMPTS: prompt_set.name,
+        tracking.TAG_PROMPTS_DIGEST: prompt_set_digest(harmful_prompts),
+        tracking.TAG_DECODING: decoding_label(settings),
+    }
+    return Evaluation(judge=judge.name, metrics=metrics, table=table, identity=identity,
+                      prompt_file=prompt_set.path, harmful_prompts=list(harmful_prompts))
 
 
 def log_evaluation(run: tracking.StageRun, result: Evaluation, task: str = "") -> None:
-    run.set_tags({tracking.TAG_JUDGE: result.judge, **({tracking.TAG_TASK: task} if task else {})})
+    run.set_tags({**result.identity, **({tracking.TAG_TASK: task} if task else {})})
     run.log_metrics(result.metrics)
     run.log_table(result.table, "eval/generations.json")
+    if result.prompt_file:
+        run.log_prompt_set(result.harmful_prompts, result.prompt_file, result.identity[tracking.TAG_PROMPTS])
 
 
 def evaluate_and_log(run: tracking.StageRun, model_cfg, adapters: list[str], settings: EvalSettings,
@@ -113,7 +169,7 @@ def resolve_evaluate_config(overrides: dict[str, Any]) -> EvaluateConfig:
 
 def run_evaluate(overrides: dict[str, Any]) -> str:
     """Evaluate the base model or a run's adapter in an `evaluate` run; returns that run's id."""
-    experiment = overrides.get("experiment") or tracking.DEFAULT_EXPERIMENT
+    experiment = str(overrides.get("experiment") or "")
     with tracking.stage_run("evaluate", experiment=experiment) as run:
         cfg = resolve_evaluate_config(overrides)
         run.set_tags({tracking.TAG_BASE_MODEL: cfg.model.name})
@@ -131,7 +187,7 @@ def run_evaluate(overrides: dict[str, Any]) -> str:
         run.set_tags({tracking.TAG_METHOD: cfg.eval.judge})
         result = evaluate_and_log(run, model_cfg, adapters, cfg.eval, task=task)
         if target is not None:
-            tracking.copy_evaluation(target.run_id, result.metrics, result.judge)
+            tracking.copy_evaluation(target.run_id, result.metrics, result.identity)
         run.mark_complete()
         return run.run_id
 

@@ -65,7 +65,7 @@ class ExpoInputs:
 
 def run_expo(overrides: dict[str, Any]) -> str:
     """Extrapolate an aligned run from an SFT run for one α (one run) or several (parent + child runs)."""
-    experiment = overrides.get("experiment") or tracking.DEFAULT_EXPERIMENT
+    experiment = str(overrides.get("experiment") or "")
     with tracking.stage_run("expo", experiment=experiment) as run:
         cfg = resolve_expo_config(overrides)
         alphas = cfg.alphas()
@@ -127,11 +127,19 @@ def resolve_inputs(cfg: ExpoConfig, run: tracking.StageRun) -> ExpoInputs:
 
 
 def _default_aligned_run(cfg: ExpoConfig) -> str:
-    run_id = tracking.latest_run("align", cfg.model.name, cfg.method, experiment=cfg.experiment)
+    run_id = tracking.latest_run("align", cfg.model.name, cfg.method, experiment=cfg.experiment,
+                                 note_elsewhere=False)
     if run_id is None:
-        raise RealignError(f"no finished align/{cfg.method} run of {cfg.model.name} in experiment {cfg.experiment}",
-                           f"train one with `realign align --method {cfg.method}`, or pass --aligned-run <run id>")
+        where = tracking.experiment_name(cfg.experiment)
+        raise RealignError(f"no finished align/{cfg.method} run of {cfg.model.name} in experiment {where}",
+                           f"train one with `realign align --method {cfg.method}`, or pass --aligned-run <run id>"
+                           + _realign_has("align", cfg, cfg.method))
     return run_id
+
+
+def _realign_has(stage: str, cfg: ExpoConfig, method: str) -> str:
+    hint = tracking.elsewhere_hint(stage, cfg.model.name, method, cfg.experiment)
+    return f"; {hint.split('; ', 1)[1]}" if hint else ""
 
 
 def _default_sft_run(cfg: ExpoConfig, aligned: tracking.InputRun) -> str:
@@ -146,10 +154,12 @@ def _default_sft_run(cfg: ExpoConfig, aligned: tracking.InputRun) -> str:
             return parent.run_id
         except RealignError:
             pass  # its start was not an sft run (or is gone): fall back to the newest one
-    run_id = tracking.latest_run("align", cfg.model.name, "sft", experiment=cfg.experiment)
+    run_id = tracking.latest_run("align", cfg.model.name, "sft", experiment=cfg.experiment, note_elsewhere=False)
     if run_id is None:
-        raise RealignError(f"no finished align/sft run of {cfg.model.name} in experiment {cfg.experiment}",
-                           "train one with `realign align --method sft`, or pass --sft-run <run id>")
+        where = tracking.experiment_name(cfg.experiment)
+        raise RealignError(f"no finished align/sft run of {cfg.model.name} in experiment {where}",
+                           "train one with `realign align --method sft`, or pass --sft-run <run id>"
+                           + _realign_has("align", cfg, "sft"))
     return run_id
 
 

@@ -102,7 +102,7 @@ class FuseResult:
 
 def run_fuse(overrides: dict[str, Any]) -> str:
     """Fuse an attack run with a safety reference (inside a score run's region); returns the fuse run's id."""
-    experiment = overrides.get("experiment") or tracking.DEFAULT_EXPERIMENT
+    experiment = str(overrides.get("experiment") or "")
     with tracking.stage_run("fuse", experiment=experiment) as run:
         cfg = resolve_fuse_config(overrides)
         run.set_tags({tracking.TAG_BASE_MODEL: cfg.model.name, tracking.TAG_METHOD: cfg.method})
@@ -129,8 +129,8 @@ def run_fuse(overrides: dict[str, Any]) -> str:
 
             torch.manual_seed(cfg.seed)
             # Loaded fresh from what is about to be logged: the numbers belong to the artifact, not to memory.
-            evaluate_and_log(run, result.eval_model, result.eval_adapters, cfg.eval, task=task)
-            log_attacked_numbers(run, inputs.finetuned, cfg.eval.judge)
+            evaluation = evaluate_and_log(run, result.eval_model, result.eval_adapters, cfg.eval, task=task)
+            log_attacked_numbers(run, inputs.finetuned, evaluation.identity)
         if inputs.mode == "lora":
             run.log_adapter(result.artifact_dir)
         else:
@@ -439,12 +439,13 @@ def log_changes(run: tracking.StageRun, result: FuseResult) -> None:
         run.log_figure(figure, "figures/changed_fraction.html")
 
 
-def log_attacked_numbers(run: tracking.StageRun, finetuned: tracking.InputRun, judge: str) -> None:
-    """The attacked model's own numbers next to the fused model's, when the same judge produced them."""
-    if finetuned.tags.get(tracking.TAG_JUDGE) != judge:
+def log_attacked_numbers(run: tracking.StageRun, finetuned: tracking.InputRun, identity: dict[str, str]) -> None:
+    """The attacked model's own numbers (with their intervals) next to the fused model's, when they were measured
+    alike: the same judge (name, content, threshold), prompt set and decoding."""
+    if any(finetuned.tags.get(key, "") != identity.get(key, "") for key in tracking.SCORE_IDENTITY_TAGS):
         return
     numbers = tracking.run_metrics(finetuned.run_id)
-    picked = {f"attacked_{key}": numbers[key] for key in ("harmful_score", "finetune_accuracy", "refusal_rate")
-              if key in numbers}
+    picked = {f"attacked_{key}": value for key, value in numbers.items()
+              if key.split("_ci95_")[0].removesuffix("_n") in ("harmful_score", "finetune_accuracy", "refusal_rate")}
     if picked:
         run.log_metrics(picked)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import os
 import re
 import sys
 import time
@@ -74,7 +75,23 @@ class Experiment:
     name: str
     path: Path
     experiment: str
+    requested: str = ""  # --experiment on the command line
+    file_experiment: str = ""  # the file's own `experiment:`
     cells: list[Cell] = field(default_factory=list)
+
+
+def pipeline_experiment(spec: Experiment) -> str:
+    """Where the pipeline's runs go: --experiment, else $MLFLOW_EXPERIMENT_NAME, else the file's, else realign.
+
+    Under `mlflow run`, the experiment it chose; the file's own yields to it, with a note.
+    """
+    if spec.requested or tracking.project_run_id() or os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        name = tracking.experiment_name(spec.requested)
+    else:
+        name = spec.file_experiment or tracking.DEFAULT_EXPERIMENT
+    if spec.file_experiment and spec.file_experiment != name:
+        tracking.note(f"note: {spec.path.name} names experiment {spec.file_experiment!r}; its runs go to {name!r}")
+    return name
 
 
 def experiment_path(name_or_path: str) -> Path:
@@ -102,7 +119,9 @@ def load_experiment(name_or_path: str, overrides: dict[str, Any] | None = None) 
     if not isinstance(steps, dict) or not steps:
         raise RealignError(f"{path}: no steps", "list the stages under steps: <name>: {stage: ..., ...}")
     overrides = dict(overrides or {})
-    experiment = str(overrides.pop("experiment", None) or spec.get("experiment") or tracking.DEFAULT_EXPERIMENT)
+    requested = str(overrides.pop("experiment", None) or "")
+    file_experiment = str(spec.get("experiment") or "")
+    experiment = requested or file_experiment or tracking.DEFAULT_EXPERIMENT
     model = overrides.pop("model", None) or spec.get("model")
 
     # `--attack.ratio 0.2` or `attack.train.max_steps=5`: an override names the step it is for.
@@ -114,7 +133,8 @@ def load_experiment(name_or_path: str, overrides: dict[str, Any] | None = None) 
                                f"prefix it with a step name: {', '.join(steps)} (e.g. {next(iter(steps))}.seed=1)")
         step_overrides[step][rest] = value
 
-    result = Experiment(name=path.stem, path=path, experiment=experiment)
+    result = Experiment(name=path.stem, path=path, experiment=experiment, requested=requested,
+                        file_experiment=file_experiment)
     seen: dict[str, list[Cell]] = {}
     for step_name, step in steps.items():
         if not isinstance(step, dict) or step.get("stage") not in STAGES:
@@ -231,10 +251,10 @@ def run_pipeline(overrides: dict[str, Any]) -> str:
     name = str(overrides.pop("name", None) or "default")
     spec = load_experiment(name, overrides)
     tags = {tracking.TAG_STAGE: "pipeline", tracking.TAG_PIPELINE: str(spec.path.name)}
+    tracking.open_store()
+    spec.experiment = pipeline_experiment(spec)
     with tracking.parent_run(f"pipeline/{spec.name}", spec.experiment, tags) as parent_id:
         check_cells(spec)  # a bad value in any cell fails the parent run before the first stage starts
-        # Under `mlflow run` the parent lives where mlflow put it; the stage runs go next to it.
-        spec.experiment = tracking.experiment_of(parent_id)
         done: dict[str, list[Cell]] = {}
         started = time.monotonic()
         total = len(spec.cells)
@@ -250,7 +270,6 @@ def run_pipeline(overrides: dict[str, Any]) -> str:
             else:
                 module_name, run_name, _ = STAGES[cell.stage]
                 cell.run_id = getattr(importlib.import_module(module_name), run_name)(resolved)
-                tracking.nest_under(cell.run_id, parent_id)
                 _progress(f"[{index}/{total}] {cell.label}: run {cell.run_id} "
                           f"({time.monotonic() - started:.0f} s so far, {total - index} to go)")
             done.setdefault(cell.step, []).append(cell)

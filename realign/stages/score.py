@@ -71,7 +71,7 @@ class ScoredWeights:
 
 def run_score(overrides: dict[str, Any]) -> str:
     """Score one run's weights (or the base model's) and log the masks; returns the run id."""
-    experiment = overrides.get("experiment") or tracking.DEFAULT_EXPERIMENT
+    experiment = str(overrides.get("experiment") or "")
     with tracking.stage_run("score", experiment=experiment) as run:
         cfg = resolve_score_config(overrides)
         method = neurons.METHODS[cfg.method]
@@ -295,7 +295,7 @@ def sanity_check(run: tracking.StageRun, cfg: ScoreConfig, mask_path: Path, mode
     generator = torch.Generator().manual_seed(cfg.seed)
 
     baseline = evaluate_model(model, tokenizer, cfg.eval)
-    run.set_tags({tracking.TAG_JUDGE: baseline.judge})
+    run.set_tags(baseline.identity)
     run.log_table(baseline.table, "eval/generations.json")
     numbers = dict(baseline.metrics)
     for variant in SANITY_VARIANTS:
@@ -307,7 +307,9 @@ def sanity_check(run: tracking.StageRun, cfg: ScoreConfig, mask_path: Path, mode
                 restore()
         run.log_table(result.table, f"eval/{variant}.json")
         for name in ("harmful_score", "refusal_rate", "benign_refusal_rate"):
-            numbers[f"{name}_{variant}"] = result.metrics[name]
+            for key, value in result.metrics.items():
+                if key == name or key.startswith(f"{name}_ci95_") or key == f"{name}_n":
+                    numbers[key.replace(name, f"{name}_{variant}", 1)] = value
     run.log_metrics(numbers)
     return numbers
 
