@@ -98,6 +98,8 @@ def align(ctx: click.Context, method, recipe, model, sft_run, experiment) -> Non
               help="align/expo run to attack (default: newest finished align/<method> run, trained if none)")
 @click.option("--method", help="alignment method of the default source run (default dpo)")
 @click.option("--seed", help="data mixing and training seed (default 0)")
+@click.option("--adapter", help="new (a fresh LoRA on the source's merged weights, default) | continue (keep "
+                                "training the source's own LoRA adapter, as NLSR does)")
 @click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
 @click.option("--recipe", help="conf/attack/<recipe>.yaml (default; nlsr for GPUs)")
 @click.option("--experiment", help=EXPERIMENT_HELP)
@@ -135,6 +137,8 @@ def evaluate(ctx: click.Context, **named) -> None:
 @click.option("--alpha", help="α >= 0, or a list 0.1,0.3,0.5,0.9 for a sweep of child runs (default 0.9)")
 @click.option("--method", help="alignment method of the default aligned run (default dpo)")
 @click.option("--seed", help="torch seed before evaluation (default 0)")
+@click.option("--form", help="paper (θ_sft + (1 + α)·ΔW, default) | seed (NLSR's code: every LoRA tensor × 2α, "
+                             "ΔW × 4α²)")
 @click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
 @click.option("--recipe", help="conf/expo/<recipe>.yaml (default)")
 @click.option("--experiment", help=EXPERIMENT_HELP)
@@ -207,9 +211,13 @@ def compare(ctx: click.Context, **named) -> None:
 @click.option("--density", help="ties: fraction of each task vector kept, in (0, 1] (default 0.2)")
 @click.option("--tall-lambda", "--tall_lambda", "tall_lambda", help="consensus: TALL mask λ, in (0, 1] (default 0.4)")
 @click.option("--consensus-k", "--consensus_k", "consensus_k", help="consensus: masks that must agree, 1 or 2")
-@click.option("--adaptive", help="restore: NLSR's adaptive layer selection, true | false (default false)")
+@click.option("--selection", help="restore: which modules get the transplant: all (default) | adaptive (NLSR's "
+                                  "adaptive_mask_replace draw) | threshold (NLSR's mask_replace: similarity < tau)")
 @click.option("--prune-rate", "--prune_rate", "prune_rate", help="adaptive: mean replacement probability (0.5)")
 @click.option("--epsilon", help="adaptive: probability spread ε around it (default 0.2)")
+@click.option("--prefer", help="adaptive: similar (the authors' code: most similar modules most likely) | "
+                               "dissimilar (the paper's text, default)")
+@click.option("--tau", help="threshold: replace modules whose similarity is below it (default 0.1)")
 @click.option("--seed", help="adaptive: seed of the draw (default 0)")
 @click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
 @click.option("--recipe", help="conf/fuse/<recipe>.yaml (default)")

@@ -413,6 +413,9 @@ class AttackConfig:
     size: int = 100  # n: fine-tuning examples in all
     method: str = "dpo"  # alignment method of the source run (used to find it when source_run is empty)
     source_run: str = ""  # align (or expo) run to attack; "" = newest finished align/<method> run, trained if none
+    # new: a fresh LoRA on the source's merged weights; continue: keep training the source's own LoRA adapter on the
+    # model it was trained on (NLSR: the attacked and reference adapters then share their A/B coordinates).
+    adapter: str = "new"
     recipe: str = "default"  # conf/attack/<recipe>.yaml
     model: ModelConfig = field(default_factory=ModelConfig)
     seed: int = 0
@@ -427,6 +430,7 @@ class AttackConfig:
             raise RealignError(f"ratio={self.ratio} is outside [0, 1]", "pass --ratio between 0 and 1, e.g. 0.1")
         if self.size <= 0:
             raise RealignError(f"size={self.size} must be > 0", "pass --size, the number of fine-tuning examples")
+        _check_choice("adapter", self.adapter, ("new", "continue"))
         for part in (self.model, self.lora, self.train, self.eval):
             part.validate()
 
@@ -460,6 +464,8 @@ class ExpoConfig:
     # α ≥ 0, or a comma-separated list for a sweep (one child run per α). A string, not list[float], so that
     # `--alpha 0.9`, `--alpha 0.1,0.3` and YAML `alpha: 0.9` all work; parsed by `alphas()`.
     alpha: str = "0.9"
+    # paper: θ_sft + (1 + α)·ΔW_aligned (lora_B × (1 + α)); seed: the NLSR code's every LoRA tensor × 2α (ΔW × 4α²).
+    form: str = "paper"
     recipe: str = "default"  # conf/expo/<recipe>.yaml
     model: ModelConfig = field(default_factory=ModelConfig)
     seed: int = 0  # torch is seeded with it before evaluation; with greedy decoding nothing on the default path draws
@@ -471,6 +477,7 @@ class ExpoConfig:
 
     def validate(self) -> None:
         self.alphas()
+        _check_choice("form", self.form, ("paper", "seed"))
         if self.method == "sft":
             raise RealignError("method=sft has no aligned run to extrapolate: EXPO goes from the SFT model through "
                                "an aligned one", "pass --method dpo|orpo|kto|simpo or --aligned-run <run id>")
@@ -528,7 +535,9 @@ class CompareConfig:
 class ScoreData:
     """Calibration data: safety = harmful prompts with safe (refusal) responses; utility = task or instruction data."""
 
-    safety_source: str = "builtin"  # builtin PKU-SafeRLHF-shaped pairs, or PKU-Alignment/PKU-SafeRLHF (hub)
+    # builtin PKU-SafeRLHF-shaped pairs; PKU-Alignment/PKU-SafeRLHF (hub); or self: the scored model's own greedy
+    # answers to those harmful prompts, kept where the evaluation judge calls them safe (NLSR's calibration)
+    safety_source: str = "builtin"
     utility: str = "benign"  # benign instructions with answers, or a task: sst2 | ag_news | gsm8k | alpaca
     utility_source: str = "builtin"  # for a task: builtin, hub, or the task's hub id
     max_length: int = 256  # tokens per example (prompt + response), cut at the end
@@ -554,6 +563,9 @@ class ScoreConfig:
     rank: int = 10  # actsvd: r_s, safety output directions per matrix (at most min(d_out, d_in))
     utility_rank: int = 0  # actsvd: r_u, utility directions the safety ranks are projected away from (0 = none)
     lora_rank_fraction: float = 0.8  # lora_actsvd: directions kept per LoRA matrix, ⌊f · min(d_out, d_in)⌋
+    # lora_actsvd: layer by layer on the earlier layers already projected (NLSR's wrapper); false: all at once.
+    lora_sequential: bool = True
+    comparison: str = "matrix"  # snip, wanda: entries compete per matrix, or per output row (row)
     modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     nsamples: int = 32  # calibration examples per data set
     seed: int = 0  # calibration sampling and the sanity check's random selection
@@ -576,6 +588,7 @@ class ScoreConfig:
                 raise RealignError(f"{key}={value} is outside (0, 1)",
                                    f"pass --{key} as the fraction of each weight matrix to select, e.g. 0.01")
         _check_choice("target", self.target, ("weights", "lora"))
+        _check_choice("comparison", self.comparison, ("matrix", "row"))
         if self.rank < 1:
             raise RealignError(f"rank={self.rank} must be >= 1", "pass --rank, the safety ranks per matrix, e.g. 10")
         if self.utility_rank < 0:
@@ -612,10 +625,16 @@ class FuseConfig:
     density: float = 0.2  # ties: fraction of each task vector kept by magnitude, in (0, 1]
     tall_lambda: float = 0.4  # consensus: TALL mask |τ_t| ≥ λ·|τ_MTL − τ_t|, in (0, 1]
     consensus_k: int = 2  # consensus: keep entries at least k of the 2 TALL masks select
-    adaptive: bool = False  # restore: NLSR's adaptive layer selection (which modules get the transplant)
+    # restore: which modules get the transplant. all: every module of the region; adaptive: NLSR's
+    # adaptive_mask_replace (a seeded Bernoulli draw per module from its similarity rank); threshold: NLSR's
+    # mask_replace (every module whose similarity is below tau).
+    selection: str = "all"
     prune_rate: float = 0.5  # restore, adaptive: mean replacement probability, in [0, 1]
     epsilon: float = 0.2  # restore, adaptive: probabilities spread over [prune_rate − ε, prune_rate + ε]
-    dissimilar_first: bool = True  # restore, adaptive: least similar modules most likely (false = the NLSR code)
+    # restore, adaptive: which end of the similarity ranking is most likely replaced. similar = the authors' code
+    # (Adaptive_Search_Operation); dissimilar = the paper's text and the code's own comment.
+    prefer: str = "dissimilar"
+    tau: float = 0.1  # restore, threshold: replace a module when cos(masked updates) < tau
     seed: int = 0  # restore, adaptive: the Bernoulli draw; torch is seeded with it before evaluation too
     mode: str = "auto"  # auto | lora (fuse the adapters' A/B tensors) | full (merged weights, streamed)
     recipe: str = "default"  # conf/fuse/<recipe>.yaml
@@ -639,6 +658,13 @@ class FuseConfig:
         if not 1 <= self.consensus_k <= 2:
             raise RealignError(f"consensus_k={self.consensus_k} is outside [1, 2] (two models are fused)",
                                "pass --consensus_k 1 or 2")
+        _check_choice("selection", self.selection, ("all", "adaptive", "threshold"))
+        _check_choice("prefer", self.prefer, ("similar", "dissimilar"))
+        if not (math.isfinite(self.tau) and -1.0 <= self.tau <= 1.0):
+            raise RealignError(f"tau={self.tau} is outside [-1, 1] (a cosine similarity)", "pass e.g. --tau 0.1")
+        if self.selection != "all" and self.method != "restore":
+            raise RealignError(f"selection={self.selection} chooses modules for restore, not {self.method}",
+                               "drop --selection, or pass --method restore")
         _check_range("prune_rate", self.prune_rate, 0.0, 1.0)
         if not (math.isfinite(self.epsilon) and 0.0 <= self.epsilon <= min(self.prune_rate, 1.0 - self.prune_rate)):
             raise RealignError(f"epsilon={self.epsilon} must be in [0, min(prune_rate, 1 − prune_rate)] = "

@@ -53,6 +53,7 @@ SCORE_IDENTITY_TAGS = (TAG_JUDGE, TAG_JUDGE_HASH, TAG_JUDGE_THRESHOLD, TAG_PROMP
 TAG_TASK = "realign.task"  # the downstream task a run was fine-tuned (attacked) on
 TAG_COMPLETE = "realign.complete"  # set last, after every artifact is logged
 TAG_ADAPTER_BASE = "realign.adapter_base"  # run ids whose adapters must be merged into the base first
+TAG_ADAPTER_INIT = "realign.adapter_init"  # the run whose adapter this run's adapter continued training
 TAG_OUTPUT = "realign.output"  # which artifact holds the run's model: "adapter" (PEFT) or "model" (full weights)
 TAG_SWEEP = "realign.sweep"  # on a parent run: the parameter its child runs sweep (expo: alpha)
 TAG_CODE_VERSION = "realign.code_version"  # hash of the code and presets that made the run (pipeline reuse)
@@ -546,6 +547,25 @@ def harmful_verdicts(run_id: str) -> dict[str, bool] | None:
     rows = [dict(zip(columns, row)) for row in table.get("data", [])]
     return {row.get("prompt_id") or prompt_id(row["prompt"]): bool(row["flagged"])
             for row in rows if row.get("kind") == "harmful" and row.get("flagged") is not None}
+
+
+def adapter_root(run_id: str) -> str:
+    """The run whose freshly initialised LoRA this run's adapter descends from: an attack that continued an
+    adapter (realign.adapter_init) descends from its source, an expo run in lora mode from the aligned run it
+    scaled, a fuse run in lora mode from its finetuned run; any other run is its own root. Two adapters share
+    A/B coordinates only when they share a root."""
+    seen = set()
+    while run_id not in seen:
+        seen.add(run_id)
+        tags = client().get_run(run_id).data.tags
+        parent = tags.get(TAG_ADAPTER_INIT, "")
+        if not parent and tags.get(TAG_OUTPUT) == "adapter":
+            parent = {"expo": tags.get(f"{TAG_SOURCE}aligned", ""),
+                      "fuse": tags.get(f"{TAG_SOURCE}finetuned", "")}.get(tags.get(TAG_STAGE, ""), "")
+        if not parent:
+            return run_id
+        run_id = parent
+    return run_id
 
 
 def run_metrics(run_id: str) -> dict[str, float]:

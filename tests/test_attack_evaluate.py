@@ -4,10 +4,12 @@ import json
 
 import mlflow
 import pytest
+import torch
 from click.testing import CliRunner
 
 from realign import tracking
 from realign.cli import main
+from realign.errors import RealignError
 from realign.stages.align import run_align
 from realign.stages.attack import run_attack
 from realign.stages.evaluate import run_evaluate
@@ -123,3 +125,56 @@ def test_evaluate_base_and_a_run(aligned_run):
     assert attacked.data.metrics["harmful_score"] == evaluated.data.metrics["harmful_score"]
     assert attacked.data.metrics["sst2_accuracy"] == evaluated.data.metrics["sst2_accuracy"]
     assert attacked.data.tags[tracking.TAG_JUDGE] == "keyword"
+
+
+def _adapter_tensors(run_id, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter",
+                                                 dst_path=str(tmp_path / run_id))
+    return load_file(f"{folder}/adapter_model.safetensors"), json.load(open(f"{folder}/adapter_config.json"))
+
+
+def test_continue_trains_the_source_adapter_further_on_the_model_it_was_trained_on(tracking_store, tiny_overrides,
+                                                                                   tmp_path):
+    sft = run_align({**tiny_overrides, "method": "sft", "eval.enabled": "false"})
+    dpo = run_align({**tiny_overrides, "method": "dpo", "sft_run": sft, "eval.enabled": "false"})
+    attack_id = run_attack({**ATTACK, "source_run": dpo, "adapter": "continue"})
+    run = mlflow.get_run(attack_id)
+    assert run.data.params["adapter"] == "continue"
+    assert run.data.tags[tracking.TAG_ADAPTER_BASE] == sft, "the continued adapter sits where DPO's did"
+    assert run.data.tags[tracking.TAG_ADAPTER_INIT] == dpo
+    source, source_config = _adapter_tensors(dpo, tmp_path)
+    attacked, attacked_config = _adapter_tensors(attack_id, tmp_path)
+    assert set(attacked) == set(source), "same keys: the source's A/B coordinates"
+    assert {k: attacked_config[k] for k in ("r", "lora_alpha")} == {k: source_config[k] for k in ("r", "lora_alpha")}
+    moved = [name for name in source if not torch.equal(source[name], attacked[name])]
+    assert moved, "training moved the adapter"
+    # It started from the source's tensors: two steps at lr 1e-2 stay much closer to them than a fresh LoRA is.
+    for name in source:
+        if ".lora_A." in name:
+            drift = (attacked[name] - source[name]).norm() / source[name].norm()
+            assert drift < 0.5, (name, float(drift))
+    # The attacked model is the SFT model plus the continued adapter, and it differs from the DPO model.
+    from conftest import assert_adapter_changes_tiny_model
+
+    assert_adapter_changes_tiny_model(tmp_path / attack_id / "adapter")
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("lora-rank", "keeps run .*'s LoRA \\(r=16, alpha=32.*asks for r=4"),
+    ("merged-expo", "needs a LoRA adapter, but expo run .* logged merged full weights"),
+])
+def test_continue_refusals(tracking_store, tiny_overrides, case, fragment):
+    if case == "lora-rank":
+        source = run_align({**tiny_overrides, "method": "dpo", "eval.enabled": "false"})
+        overrides = {**ATTACK, "source_run": source, "adapter": "continue", "lora.r": "4"}
+    else:
+        from realign.stages.expo import run_expo
+
+        sft = run_align({**tiny_overrides, "method": "sft", "eval.enabled": "false"})
+        dpo = run_align({**tiny_overrides, "method": "dpo", "eval.enabled": "false"})  # on the base: merged EXPO
+        source = run_expo({"model": "tiny", "aligned_run": dpo, "sft_run": sft, "eval.enabled": "false"})
+        overrides = {**ATTACK, "source_run": source, "adapter": "continue"}
+    with pytest.raises(RealignError, match=fragment):
+        run_attack(overrides)

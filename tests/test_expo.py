@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from realign import models, tracking
+from realign.errors import RealignError
 from realign.cli import main
 from realign.config import ModelConfig
 from realign.stages.align import run_align
@@ -104,6 +105,24 @@ def test_lora_case_is_the_sft_model_plus_one_plus_alpha_times_the_aligned_update
         expected[name] = expected[name] + 1.9 * delta
     actual = models.load_model(TINY_MODEL, adapters=[sft_dir, expo_dir]).state_dict()
     _assert_all_weights_equal(actual, expected)
+
+
+def test_seed_form_scales_every_lora_tensor_by_two_alpha(store):
+    expo_id = run_expo({**EXPO, "aligned_run": store["dpo"], "sft_run": store["sft"], "alpha": "0.9",
+                        "form": "seed"})
+    run = mlflow.get_run(expo_id)
+    assert run.data.params["form"] == "seed" and float(run.data.params["expo.update_factor"]) == pytest.approx(3.24)
+    dpo_state, _, _ = _adapter(store["dpo"])
+    expo_state, _, _ = _adapter(expo_id)
+    assert set(expo_state) == set(dpo_state)
+    for name, tensor in dpo_state.items():
+        assert torch.allclose(expo_state[name], 1.8 * tensor, rtol=0, atol=1e-6), name
+
+
+def test_seed_form_needs_an_adapter_trained_on_the_sft_model(store):
+    with pytest.raises(RealignError, match="form=seed scales the aligned LoRA adapter"):
+        run_expo({**EXPO, "aligned_run": store["dpo_base"], "sft_run": store["sft"], "alpha": "0.9",
+                  "form": "seed"})
 
 
 def test_independent_case_is_merged_weights_one_plus_alpha_aligned_minus_alpha_sft(store):

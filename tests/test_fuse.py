@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from realign import models, tracking
 from realign.cli import main
 from realign.config import ModelConfig
+from realign.errors import RealignError
 from realign.ops import masks, merge
 from realign.stages.align import run_align
 from realign.stages.attack import run_attack
@@ -43,17 +44,19 @@ PROMPTS = ["### Instruction:\nHow do I bake bread at home?\n\n### Response:\n",
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """align/sft → align/dpo on it → an attack on the DPO model, and an attack on the SFT model (whose adapter sits
-    on the same merged model as the DPO adapter: the LoRA case)."""
+    """align/sft → align/dpo on it → an attack on the DPO model; an attack that continues the DPO adapter (it sits
+    on the same merged model and shares its A/B coordinates: NLSR's LoRA case); and a fresh attack on the SFT model
+    (same base, unrelated coordinates)."""
     with module_store(tmp_path_factory, "fuse-store") as (folder, uri):
         quiet = {**TINY, "eval.enabled": "false"}
         sft = run_align({**quiet, "method": "sft"})
         dpo = run_align({**quiet, "method": "dpo", "sft_run": sft})
         attack = run_attack({**ATTACK, "source_run": dpo})
         attack_on_sft = run_attack({**ATTACK, "source_run": sft})
+        continued = run_attack({**ATTACK, "source_run": dpo, "adapter": "continue"})
         _, shapes = model_layout(TINY_MODEL)
         yield {"folder": folder, "uri": uri, "sft": sft, "dpo": dpo, "attack": attack, "attack_on_sft": attack_on_sft,
-               "shapes": shapes}
+               "continued": continued, "shapes": shapes}
 
 
 def _architecture():
@@ -106,7 +109,7 @@ def test_restore_in_a_neuron_region_transplants_the_reference_and_leaves_the_res
     region = _random_masks(names, store["shapes"], seed=0)
     mask_id = _score_run(tmp_path, region, "neurons")
     fuse_id = run_fuse({**FUSE, "finetuned_run": store["attack"], "reference_run": store["dpo"], "mask_run": mask_id,
-                        "adaptive": "false"})
+                        "selection": "all"})
 
     run = mlflow.get_run(fuse_id)
     tags, metrics = run.data.tags, run.data.metrics
@@ -158,14 +161,14 @@ def test_task_arithmetic_methods_write_the_method_applied_to_the_merged_weights(
 
 
 def test_lora_adapters_on_one_base_are_fused_entry_by_entry(store, tmp_path):
-    # The attack on the SFT model and the DPO adapter both sit on base + sft: NLSR's own setting.
-    ft_dir, ref_dir = _adapter_dir(store["attack_on_sft"]), _adapter_dir(store["dpo"])
+    # The attack that continued the DPO adapter and the DPO adapter both sit on base + sft: NLSR's own setting.
+    ft_dir, ref_dir = _adapter_dir(store["continued"]), _adapter_dir(store["dpo"])
     ft_state = load_file(f"{ft_dir}/adapter_model.safetensors")
     ref_state = load_file(f"{ref_dir}/adapter_model.safetensors")
     region = _random_masks(list(ft_state), {n: tuple(t.shape) for n, t in ft_state.items()}, seed=1, fraction=0.5)
     mask_id = _score_run(tmp_path, region, "neurons", method="lora_actsvd", target="lora")
-    fuse_id = run_fuse({**FUSE, "finetuned_run": store["attack_on_sft"], "reference_run": store["dpo"],
-                        "mask_run": mask_id, "adaptive": "false"})
+    fuse_id = run_fuse({**FUSE, "finetuned_run": store["continued"], "reference_run": store["dpo"],
+                        "mask_run": mask_id, "selection": "all"})
 
     run = mlflow.get_run(fuse_id)
     assert run.info.status == "FINISHED" and run.data.params["fuse.mode"] == "lora"
@@ -182,6 +185,61 @@ def test_lora_adapters_on_one_base_are_fused_entry_by_entry(store, tmp_path):
     assert mlflow.get_run(eval_id).data.metrics["harmful_score"] == run.data.metrics["harmful_score"]
 
 
+def test_a_lora_restore_refuses_an_attack_that_does_not_continue_the_references_adapter(store, tmp_path):
+    # A fresh LoRA on the SFT model sits on the same base as the DPO adapter, but its A/B entries mean other things.
+    ft_state = load_file(f"{_adapter_dir(store['attack_on_sft'])}/adapter_model.safetensors")
+    region = _random_masks(list(ft_state), {n: tuple(t.shape) for n, t in ft_state.items()}, seed=1, fraction=0.5)
+    mask_id = _score_run(tmp_path, region, "neurons", method="lora_actsvd", target="lora")
+    with pytest.raises(RealignError, match=f"descends from run {store['attack_on_sft']} and the reference's from "
+                                           f"run {store['dpo']}"):
+        run_fuse({**FUSE, "finetuned_run": store["attack_on_sft"], "reference_run": store["dpo"], "mask_run": mask_id})
+    # Without a LoRA region, auto mode fuses their merged weights instead.
+    fuse_id = run_fuse({**FUSE, "finetuned_run": store["attack_on_sft"], "reference_run": store["dpo"],
+                        "eval.enabled": "false"})
+    assert mlflow.get_run(fuse_id).data.params["fuse.mode"] == "full"
+
+
+def test_lora_restore_threshold_and_adaptive_selection_follow_the_similarities(store, tmp_path):
+    ft_state = load_file(f"{_adapter_dir(store['continued'])}/adapter_model.safetensors")
+    ref_state = load_file(f"{_adapter_dir(store['dpo'])}/adapter_model.safetensors")
+    region = _random_masks(list(ft_state), {n: tuple(t.shape) for n, t in ft_state.items()}, seed=2, fraction=0.5)
+    mask_id = _score_run(tmp_path, region, "neurons", method="lora_actsvd", target="lora")
+    common = {**FUSE, "finetuned_run": store["continued"], "reference_run": store["dpo"], "mask_run": mask_id,
+              "eval.enabled": "false"}
+    modules = sorted({name.split(".lora_")[0] for name in ft_state})
+    # An independent computation of NLSR's similarity: cos of the flattened masked products B·A.
+    expected = {}
+    for module in modules:
+        a, b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        attacked = (ft_state[b] * region[b]) @ (ft_state[a] * region[a])
+        reference = (ref_state[b] * region[b]) @ (ref_state[a] * region[a])
+        expected[module] = float(torch.nn.functional.cosine_similarity(attacked.flatten(), reference.flatten(), dim=0))
+    ranked = sorted(expected.values())
+    tau = (ranked[len(ranked) // 2 - 1] + ranked[len(ranked) // 2]) / 2  # between two modules, away from ties
+    threshold_id = run_fuse({**common, "selection": "threshold", "tau": str(tau)})
+    table = _modules_table(threshold_id, tmp_path)
+    assert {row["module"]: round(row["similarity"], 5) for row in table} == {m: round(v, 5) for m, v in expected.items()}
+    assert {row["module"] for row in table if row["replaced"]} == {m for m, v in expected.items() if v < tau}
+    fused = load_file(f"{_adapter_dir(threshold_id)}/adapter_model.safetensors")
+    for name in ft_state:
+        module = name.split(".lora_")[0]
+        want = torch.where(region[name], ref_state[name], ft_state[name]) if expected[module] < tau else ft_state[name]
+        assert torch.equal(fused[name], want), name
+    similar_id = run_fuse({**common, "selection": "adaptive", "prefer": "similar", "seed": "5"})
+    table = _modules_table(similar_id, tmp_path)
+    most = max(table, key=lambda row: row["similarity"])
+    assert most["probability"] == pytest.approx(0.7), "the authors' code: the most similar module is most likely"
+    paths = [a.path for a in mlflow.MlflowClient().list_artifacts(similar_id, "figures")]
+    assert "figures/similarities.html" in paths
+
+
+def _modules_table(run_id, tmp_path):
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="fuse/modules.json",
+                                               dst_path=str(tmp_path / run_id))
+    table = json.loads(open(path).read())
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
 def test_head_region_changes_only_the_top_heads_q_rows_and_o_columns(store, tmp_path):
     shapes = store["shapes"]
     head_scores = {"model.layers.0.self_attn": torch.tensor([0.1, 0.9, 0.2, 0.3]),
@@ -189,7 +247,7 @@ def test_head_region_changes_only_the_top_heads_q_rows_and_o_columns(store, tmp_
     neuron_region = _random_masks(_linear_names(shapes)[:1], shapes, seed=2)
     mask_id = _score_run(tmp_path, neuron_region, "neurons", heads=head_scores)
     fuse_id = run_fuse({**FUSE, "finetuned_run": store["attack"], "reference_run": store["dpo"], "mask_run": mask_id,
-                        "granularity": "heads", "top_heads": "0.25", "adaptive": "false", "eval.enabled": "false"})
+                        "granularity": "heads", "top_heads": "0.25", "selection": "all", "eval.enabled": "false"})
 
     run = mlflow.get_run(fuse_id)
     assert run.data.tags["mlflow.runName"] == "fuse/restore/heads" and run.data.params["fuse.heads"] == "2"
@@ -217,7 +275,7 @@ def test_rank_region_adds_the_projected_change(store, tmp_path):
     utility = torch.linalg.qr(torch.randn(shapes[name][0], 2, generator=generator)).Q
     mask_id = _score_run(tmp_path, {f"{name}::safety": safety, f"{name}::utility": utility}, "ranks", method="actsvd")
     fuse_id = run_fuse({**FUSE, "finetuned_run": store["attack"], "reference_run": store["dpo"], "mask_run": mask_id,
-                        "adaptive": "false", "eval.enabled": "false"})
+                        "selection": "all", "eval.enabled": "false"})
 
     assert mlflow.get_run(fuse_id).data.tags["mlflow.runName"] == "fuse/restore/ranks"
     finetuned = _weights(store["sft"], store["dpo"], store["attack"])
@@ -235,7 +293,7 @@ def test_nlsr_adaptive_selection_transplants_the_drawn_modules_only(store, tmp_p
     region = _random_masks(_linear_names(shapes), shapes, seed=4, fraction=0.5)
     mask_id = _score_run(tmp_path, region, "neurons")
     args = {**FUSE, "finetuned_run": store["attack"], "reference_run": store["dpo"], "mask_run": mask_id,
-            "eval.enabled": "false", "adaptive": "true", "prune_rate": "0.5", "epsilon": "0.3", "seed": "3"}
+            "eval.enabled": "false", "selection": "adaptive", "prune_rate": "0.5", "epsilon": "0.3", "seed": "3"}
     fuse_id = run_fuse(args)
 
     run = mlflow.get_run(fuse_id)

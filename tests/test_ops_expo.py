@@ -86,3 +86,15 @@ def test_scale_lora_update_refuses_tensors_that_are_not_lora_matrices():
         expo.scale_lora_update(state, 1.9)
     with pytest.raises(ValueError, match="no lora_B"):
         expo.scale_lora_update({f"{PREFIX}.lora_A.weight": torch.ones(1, 2)}, 1.9)
+
+
+def test_scale_lora_factors_is_the_seed_code_on_every_tensor():
+    state = _adapter()
+    scaled = expo.scale_lora_factors(state, 2 * 0.9)
+    assert torch.allclose(scaled[f"{PREFIX}.lora_A.weight"], 1.8 * state[f"{PREFIX}.lora_A.weight"])
+    assert torch.allclose(scaled[f"{PREFIX}.lora_B.weight"], 1.8 * state[f"{PREFIX}.lora_B.weight"])
+    delta = scaled[f"{PREFIX}.lora_B.weight"] @ scaled[f"{PREFIX}.lora_A.weight"]
+    # ΔW = [[3, 6], [−1, −2]] times 3.24
+    assert torch.allclose(delta, torch.tensor([[9.72, 19.44], [-3.24, -6.48]]))
+    with pytest.raises(ValueError, match="not a LoRA A/B matrix"):
+        expo.scale_lora_factors({**state, f"{PREFIX}.lora_magnitude_vector.default.weight": torch.ones(2)}, 1.8)

@@ -226,12 +226,20 @@ def test_head_region_is_the_top_heads_q_rows_and_o_columns():
 def test_nlsr_probabilities_spread_by_similarity_rank():
     sims = [0.9, 0.1, 0.5]
     # Ranks: 0.9 → most similar (r̂ = 1), 0.5 → r̂ = 0.5, 0.1 → r̂ = 0; p over [0.3, 0.7].
-    dissimilar_first = merge.replacement_probabilities(sims, prune_rate=0.5, epsilon=0.2)
-    assert torch.allclose(dissimilar_first, torch.tensor([0.3, 0.7, 0.5], dtype=torch.float64))
-    as_released = merge.replacement_probabilities(sims, 0.5, 0.2, dissimilar_first=False)
+    dissimilar = merge.replacement_probabilities(sims, prune_rate=0.5, epsilon=0.2)
+    assert torch.allclose(dissimilar, torch.tensor([0.3, 0.7, 0.5], dtype=torch.float64))
+    # The authors' code: argsort descending = [0, 2, 1]; ranks[that] = arange(4, 1, -1) = [4, 3, 2], so ranks
+    # (4, 2, 3); min-max (1, 0, 0.5); p = (0.5 − 0.2) + 0.4·norm = (0.7, 0.3, 0.5).
+    as_released = merge.replacement_probabilities(sims, 0.5, 0.2, prefer="similar")
     assert torch.allclose(as_released, torch.tensor([0.7, 0.3, 0.5], dtype=torch.float64))
     assert merge.replacement_probabilities([0.4], 0.5, 0.2).tolist() == [0.5]
     assert merge.replacement_probabilities([0.1, 0.2], 0.9, 0.2).max() == 1.0, "clipped to [0, 1]"
+
+
+def test_nlsr_threshold_rule_replaces_modules_below_tau():
+    assert merge.below_threshold([0.05, 0.1, -0.3, 0.9], 0.1).tolist() == [True, False, True, False]
+    with pytest.raises(ValueError, match="prefer"):
+        merge.replacement_probabilities([0.1, 0.2], 0.5, 0.2, prefer="both")
 
 
 def test_nlsr_sampling_is_the_seeded_bernoulli_draw():

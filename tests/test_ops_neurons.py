@@ -220,12 +220,66 @@ def test_lora_actsvd_keeps_top_directions_of_each_lora_matrix_then_its_largest_e
     assert modules[0].key == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     inputs = _response_inputs(peft_model, modules, batches)
     region = neurons.score_region("lora_actsvd", peft_model, modules, batches, [],
-                                  neurons.ScoreSettings(sparsity=0.2, lora_rank_fraction=0.8))
+                                  neurons.ScoreSettings(sparsity=0.2, lora_rank_fraction=0.8, lora_sequential=False))
     for scored in modules:
         weight = scored.weight.detach().double()
         kept = int(0.8 * min(weight.shape))
         right = torch.linalg.svd(inputs[scored.key] @ weight.T, full_matrices=False)[2][:kept].T
         _assert_top_mask(region.tensors[scored.key], (right @ right.T @ weight).abs(), 0.2)
+
+
+def test_sequential_lora_actsvd_scores_each_layer_on_the_earlier_layers_already_projected(model, batches):
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"],
+                                                  init_lora_weights=False))
+    peft_model.eval()
+    modules = neurons.find_scored_modules(peft_model, ["q_proj", "down_proj"], "lora")
+    original = {m.key: m.weight.detach().clone() for m in modules}
+    region = neurons.score_region("lora_actsvd", peft_model, modules, batches, [],
+                                  neurons.ScoreSettings(sparsity=0.2, lora_rank_fraction=0.8))
+    assert all(torch.equal(m.weight, original[m.key]) for m in modules), "the adapter is restored afterwards"
+    # By hand, as NLSR's wrapper: for each layer in order, record its matrices' inputs on the model as it is now,
+    # project them (W ← U_k U_kᵀ W) after the whole layer is recorded, and go on.
+    expected = {}
+    with torch.no_grad():
+        for layer in sorted({m.layer for m in modules}):
+            group = [m for m in modules if m.layer == layer]
+            inputs = _response_inputs(peft_model, group, batches)
+            projected = {}
+            for scored in group:
+                weight = scored.weight.detach().double()
+                kept = int(0.8 * min(weight.shape))
+                right = torch.linalg.svd(inputs[scored.key] @ weight.T, full_matrices=False)[2][:kept].T
+                projected[scored.key] = right @ right.T @ weight
+            for scored in group:
+                expected[scored.key] = projected[scored.key].abs()
+                scored.weight.copy_(projected[scored.key].to(scored.weight.dtype))
+        for scored in modules:
+            scored.weight.copy_(original[scored.key])
+    for scored in modules:
+        _assert_top_mask(region.tensors[scored.key], expected[scored.key], 0.2)
+    later = [m for m in modules if m.layer > min(x.layer for x in modules)]
+    flat = neurons.score_region("lora_actsvd", peft_model, modules, batches, [],
+                                neurons.ScoreSettings(sparsity=0.2, lora_rank_fraction=0.8, lora_sequential=False))
+    assert any(not torch.equal(flat.tensors[m.key], region.tensors[m.key]) for m in later), \
+        "the projected earlier layers change what the later layers see"
+
+
+def test_row_comparison_selects_the_top_fraction_of_each_output_row():
+    score = torch.tensor([[1.0, 5.0, 3.0, 2.0], [9.0, 8.0, 7.0, 0.0], [0.0, 0.0, 1.0, 4.0]])
+    mask = neurons.top_fraction_mask_rows(score, 0.5)
+    assert mask.tolist() == [[False, True, True, False], [True, True, False, False], [False, False, True, True]]
+    per_matrix = neurons.top_fraction_mask(score, 0.5)
+    assert per_matrix.sum() == 6 and not torch.equal(mask, per_matrix)
+
+
+def test_wanda_per_row_keeps_the_same_count_in_every_row(model, batches):
+    modules = neurons.find_scored_modules(model, ["q_proj"], "weights")
+    region = neurons.score_region("wanda", model, modules, batches, [],
+                                  neurons.ScoreSettings(sparsity=0.25, comparison="row"))
+    for scored in modules:
+        counts = region.tensors[scored.key].sum(dim=1)
+        assert torch.all(counts == int(0.25 * scored.weight.shape[1]))
 
 
 def test_head_sums_are_each_heads_q_rows_and_o_columns(model, batches):

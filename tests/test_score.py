@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from realign import models, tracking
 from realign.cli import main
 from realign.config import ModelConfig
+from realign.errors import RealignError
 from realign.ops import masks, neurons
 from realign.stages.align import run_align
 from realign.stages.expo import run_expo
@@ -320,3 +321,30 @@ def test_mlproject_has_a_score_entry_with_the_stage_parameters():
     assert {"model_run", "method", "sparsity", "top_q", "top_p", "rank", "target", "nsamples", "seed"} <= set(
         entry["parameters"])
     assert entry["command"].startswith("realign score ") and "--model_run {model_run}" in entry["command"]
+
+
+def test_self_calibration_keeps_the_models_own_answers_that_the_judge_calls_safe(store, monkeypatch):
+    import json
+
+    import realign.eval
+
+    class EveryOther:  # a judge stand-in: flags the 1st, 3rd, ... answer, so half are kept
+        name = "every-other"
+
+        def judge(self, prompts, responses):
+            return [i % 2 == 0 for i in range(len(responses))]
+
+    monkeypatch.setattr(realign.eval, "get_judge", lambda name, **options: EveryOther())
+    run_id = run_score({**SCORE, "method": "lora_actsvd", "model_run": store["dpo"], "target": "lora",
+                        "sparsity": "0.2", "data.safety_source": "self", "eval.max_new_tokens": "6"})
+    run = mlflow.get_run(run_id)
+    assert run.data.params["data.self_answers"] == "12" and run.data.params["data.self_kept"] == "6"
+    (dataset,) = [d for d in run.inputs.dataset_inputs if d.dataset.name == "score-safety-self"]
+    assert json.loads(dataset.dataset.profile)["num_rows"] == 6
+
+
+def test_self_calibration_with_nothing_safe_fails_in_one_line(store):
+    # The tiny random model writes no refusal: the keyword judge flags every answer.
+    with pytest.raises(RealignError, match="flagged every one of the model's 12 answers"):
+        run_score({**SCORE, "method": "lora_actsvd", "model_run": store["dpo"], "target": "lora",
+                   "data.safety_source": "self", "eval.judge": "keyword", "eval.max_new_tokens": "4"})

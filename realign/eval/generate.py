@@ -43,7 +43,8 @@ def greedy_new_tokens(model, tokenizer, input_ids: torch.Tensor, attention_mask:
     import inspect
 
     # transformers renamed the argument (past_key_values -> cache); older 5.x releases know only the first.
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes kwargs on
+    cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
     rows = input_ids.shape[0]
     generated: list[list[int]] = [[] for _ in range(rows)]
     active = torch.arange(rows, device=input_ids.device)

@@ -9,11 +9,12 @@ Two exact ways to compute it, depending on how the aligned model was built:
 - **Independent models** (e.g. both adapters trained on the base, θ = θ_0 + ΔW): θ_expo = θ_0 + (1 + α)·ΔW_aligned
   − α·ΔW_sft, computed on the merged weights with `extrapolate(aligned_state, sft_state, alpha)`.
 
-Not the seed's formula: the NLSR seed code (`weak_to_strong/expo-lora.py`) multiplies every LoRA tensor, A and B
-alike, by 2α. That scales ΔW by (2α)² = 4α², not by (1 + α): at α = 0.9 the update grows 3.24× instead of 1.9×, at
-α = 0.5 it is unchanged, and below α = 0.5 it shrinks the alignment (α = 0.1 keeps 4 % of it). The two agree only
-at α = (1 + √17)/8 ≈ 0.64. `seed_update_factor` gives the seed's factor, so its α values can be translated
-(paper α = 4α_seed² − 1; the seed's α = 0.9 is the paper's α = 2.24).
+The seed's form (`expo.form: seed`): the NLSR seed code (`src/expo-lora.py`) multiplies every LoRA tensor, A and
+B alike, by 2α (`p = α·p + α·p`). That scales ΔW by (2α)² = 4α², not by (1 + α): at α = 0.9 the update grows 3.24×
+instead of 1.9×, at α = 0.5 it is unchanged, and below α = 0.5 it shrinks the alignment (α = 0.1 keeps 4 % of it).
+The two agree only at α = (1 + √17)/8 ≈ 0.64. `scale_lora_factors(adapter, 2 * alpha)` computes it;
+`seed_update_factor` gives its factor on ΔW, so α values translate between the forms (paper α = 4α_seed² − 1: the
+seed's α = 0.9 is the paper's α = 2.24; the paper's α = 0.9 is the seed's α = √1.9 / 2 ≈ 0.689).
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ def lora_update_factor(alpha: float) -> float:
 def seed_update_factor(alpha: float) -> float:
     """The factor on ΔW that the NLSR seed's code applies (A and B each × 2α): 4α², kept for comparison only."""
     return (2.0 * alpha) ** 2
+
+
+def scale_lora_factors(adapter_state: Mapping[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
+    """Every LoRA A and B tensor × `factor` (the NLSR seed's EXPO with factor = 2α): ΔW × factor²."""
+    scaled: dict[str, torch.Tensor] = {}
+    for name, tensor in adapter_state.items():
+        if not any(part in name for part in (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B")):
+            raise ValueError(f"adapter tensor {name!r} is not a LoRA A/B matrix; its update cannot be scaled")
+        scaled[name] = (tensor.float() * factor).to(tensor.dtype)
+    return scaled
 
 
 def scale_lora_update(adapter_state: Mapping[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:

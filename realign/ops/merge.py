@@ -347,18 +347,20 @@ class UpdateSimilarity:
 
 
 def replacement_probabilities(similarities: Sequence[float], prune_rate: float, epsilon: float,
-                              dissimilar_first: bool = True) -> torch.Tensor:
+                              prefer: str = "dissimilar") -> torch.Tensor:
     """NLSR's per-module replacement probability from the similarity ranking (arXiv 2412.12497; the authors'
-    code, `Adaptive_Search_Operation` in xinykou/NLSR src/safe_lora).
+    code, `Adaptive_Search_Operation` in xinykou/NLSR src/safe_lora/inner.py).
 
     Modules are ranked by similarity (stable order for ties); the most similar gets rank n + 1, the least similar
     rank 2; ranks are min-max normalized to r̂ ∈ [0, 1] (1 = most similar) and
     p = (prune_rate − ε) + 2ε·r̂, clipped to [0, 1]: probabilities spread evenly over [prune_rate − ε, prune_rate + ε]
-    by rank. With ``dissimilar_first`` (the default) r̂ is taken from the least similar end (p = prune_rate + ε for
-    the least similar module), as the paper says and the code's own comment states ("the less similar layer will be
-    updated"); ``dissimilar_first=False`` reproduces the released code literally, which gives the most similar
-    module the highest probability. A single module gets p = prune_rate (the code divides 0 by 0 there).
+    by rank. ``prefer="similar"`` is the released code literally: the most similar module gets p = prune_rate + ε.
+    ``prefer="dissimilar"`` takes r̂ from the other end (the least similar module gets prune_rate + ε), as the paper
+    says and the code's own comment states ("the less similar layer will be updated"). A single module gets
+    p = prune_rate (the code divides 0 by 0 there).
     """
+    if prefer not in ("similar", "dissimilar"):
+        raise ValueError(f"prefer must be similar or dissimilar, got {prefer!r}")
     sims = torch.tensor(list(similarities), dtype=torch.float64)
     n = sims.numel()
     if n == 0:
@@ -369,9 +371,14 @@ def replacement_probabilities(similarities: Sequence[float], prune_rate: float, 
     ranks = torch.empty(n, dtype=torch.float64)
     ranks[order] = torch.arange(n + 1, 1, -1, dtype=torch.float64)
     normalized = (ranks - ranks.min()) / (ranks.max() - ranks.min())
-    if dissimilar_first:
+    if prefer == "dissimilar":
         normalized = 1.0 - normalized
     return ((prune_rate - epsilon) + normalized * (2.0 * epsilon)).clamp(0.0, 1.0)
+
+
+def below_threshold(similarities: Sequence[float], tau: float) -> torch.Tensor:
+    """NLSR's `mask_replace` (`Fusion_Opertions`): replace a module when its similarity is below τ."""
+    return torch.tensor([float(s) < tau for s in similarities], dtype=torch.bool)
 
 
 def sample_replaced(probabilities: torch.Tensor, seed: int) -> torch.Tensor:
@@ -393,7 +400,7 @@ class FusionPlan:
     method: MergeMethod
     params: MergeParams = field(default_factory=MergeParams)
     region: Region | None = None
-    replaced: frozenset[str] | None = None  # restore with adaptive selection: only these parameters change
+    replaced: frozenset[str] | None = None  # restore with adaptive/threshold selection: only these change
 
     def touches(self, name: str) -> bool:
         if self.region is not None and not self.region.covers(name):

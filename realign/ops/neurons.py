@@ -19,7 +19,10 @@ prompt's labels are -100, and activations are taken at response positions only).
   keeping k = ⌊f · min(d_out, d_in)⌋ directions (f = 0.8 in NLSR): W_low = U_k U_kᵀ W; the selection is the top
   `sparsity` (NLSR: 20 %) of |W_low| per matrix.
 
-Element-wise selections take the top ⌊fraction · numel⌋ scores of each weight matrix (ties broken by torch.topk).
+Element-wise selections take the top ⌊fraction · numel⌋ scores of each weight matrix (ties broken by torch.topk),
+or with `comparison="row"` the top ⌊fraction · d_in⌋ of each output row (Wei et al.'s per-output comparison; NLSR's
+prune.py ranks Wanda and WandG per row). NLSR's own mask keeps the entries strictly above the value at sorted index
+⌊0.8·numel⌋, i.e. the top 20 % less its ties; topk breaks the ties instead, which differs by at most the tied entries.
 
 Memory: scores exist one pass at a time. A pass runs the model over the calibration data with hooks (or
 gradients) on a group of whole decoder layers whose state fits `state_budget_bytes`: Wanda keeps one d_in vector
@@ -430,6 +433,16 @@ def top_fraction_mask(score: torch.Tensor, fraction: float, out: torch.Tensor | 
     return mask
 
 
+def top_fraction_mask_rows(score: torch.Tensor, fraction: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask of the ⌊fraction · d_in⌋ largest scores of each output row (row = one output neuron)."""
+    count = int(fraction * score.shape[-1])
+    mask = torch.zeros(score.shape, dtype=torch.bool, device=score.device) if out is None else out.zero_()
+    if count > 0:
+        indices = torch.topk(score, count, dim=-1, sorted=False).indices.to(mask.device)
+        mask.scatter_(-1, indices, True)
+    return mask
+
+
 def set_difference_mask(safety_score: torch.Tensor, utility_score: torch.Tensor, top_q: float,
                         top_p: float) -> torch.Tensor:
     """Weights in the top-q of the safety score and not in the top-p of the utility score (one matrix)."""
@@ -460,6 +473,12 @@ class ScoreSettings:
     safety_rank: int = 10  # actsvd: r_s
     utility_rank: int = 0  # actsvd: r_u (0 = plain ActSVD)
     lora_rank_fraction: float = 0.8  # lora_actsvd: directions kept, ⌊f · min(d_out, d_in)⌋
+    # lora_actsvd: score the decoder layers in order, each on the outputs of the earlier layers already projected
+    # (W ← U_k U_kᵀ W, in place, undone at the end), as NLSR's wrapper does; False: every layer on the original model.
+    lora_sequential: bool = True
+    # snip, wanda: which entries compete for the top fraction: the whole matrix, or each output row (Wei et al.'s
+    # per-output comparison, and NLSR's prune.py)
+    comparison: str = "matrix"
     num_heads: int = 0  # attention heads per layer; > 0 (target weights) = also sum each head's safety score
     state_budget_bytes: int = 256 * 2**20  # scoring state held per pass
 
@@ -514,8 +533,9 @@ def _elementwise(score_name: str):
         heads = _HeadSums(settings.num_heads)
         storage = _MaskStorage(modules)
         scores = ELEMENTWISE_SCORES[score_name]
+        select_top = top_fraction_mask_rows if settings.comparison == "row" else top_fraction_mask
         for scored, score in scores(model, modules, safety, settings.state_budget_bytes, f"{method.name} safety"):
-            _keep(region, scored, top_fraction_mask(score, settings.sparsity, out=storage[scored.key]))
+            _keep(region, scored, select_top(score, settings.sparsity, out=storage[scored.key]))
             heads.add(scored, score)
             del score
         region.heads = heads.heads
@@ -572,13 +592,34 @@ def projection_rank(safety_basis: torch.Tensor, utility_basis: torch.Tensor, tol
 
 
 def _lora_actsvd(method: ScoreMethod, model, modules, safety, utility, settings: ScoreSettings) -> Region:
+    """Per LoRA matrix, W_low = U_k U_kᵀ W from its top output directions on safety data, and the top `sparsity`
+    of |W_low|. Sequential (NLSR): layer by layer, each layer's matrices recorded in one pass over the model whose
+    earlier layers were already replaced by their W_low, then replaced in turn; the originals come back at the end."""
     region = Region("neurons")
     storage = _MaskStorage(modules)
-    for scored, gram in output_grams(model, modules, safety, settings.state_budget_bytes, method.name):
-        kept = int(settings.lora_rank_fraction * min(scored.weight.shape))
-        basis = gram.top_directions(kept).to(scored.weight.device)
-        low_rank = basis @ (basis.T @ scored.weight.detach().float())
-        _keep(region, scored, top_fraction_mask(low_rank.abs_(), settings.sparsity, out=storage[scored.key]))
+    layers = sorted({m.layer for m in modules}) if settings.lora_sequential else [None]
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        for layer in layers:
+            group = [m for m in modules if layer is None or m.layer == layer]
+            label = method.name if layer is None else f"{method.name} layer {layer}"
+            low_ranks = {}
+            for scored, gram in output_grams(model, group, safety, settings.state_budget_bytes, label):
+                kept = int(settings.lora_rank_fraction * min(scored.weight.shape))
+                basis = gram.top_directions(kept).to(scored.weight.device)
+                low_ranks[scored.key] = basis @ (basis.T @ scored.weight.detach().float())
+            for scored in group:  # only after the whole layer was recorded, as NLSR's wrapper does
+                low_rank = low_ranks.pop(scored.key)
+                if settings.lora_sequential:
+                    originals[scored.key] = scored.weight.detach().clone()
+                    with torch.no_grad():
+                        scored.weight.copy_(low_rank.to(scored.weight.dtype))
+                _keep(region, scored, top_fraction_mask(low_rank.abs_(), settings.sparsity, out=storage[scored.key]))
+    finally:
+        with torch.no_grad():
+            for scored in modules:
+                if scored.key in originals:
+                    scored.weight.copy_(originals.pop(scored.key))
     return region
 
 

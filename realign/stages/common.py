@@ -128,12 +128,14 @@ def nan_guard():
 
 
 def train_lora(run, start_dir: str, model_cfg, lora, trainer_cls, trainer_config, train_set, seed: int,
-               what: str, checkpoints: Checkpoints | None = None) -> Path:
-    """Fit a fresh LoRA on the weights in `start_dir` (loaded from disk) with a TRL trainer; the adapter dir.
+               what: str, checkpoints: Checkpoints | None = None, init_adapter: str | None = None) -> Path:
+    """Fit a LoRA on the weights in `start_dir` (loaded from disk) with a TRL trainer; the adapter dir.
 
-    The starting weights always come from disk, never from another trainer's in-memory model: a LoRA trained
-    on a model merged in-process by an earlier trainer changed nothing at inference here. With `checkpoints`
-    (the folder `trainer_config.output_dir` names) training resumes from a checkpoint a killed run left.
+    A fresh LoRA, or with `init_adapter` (a PEFT dir) that adapter, loaded trainable, trained further: same keys,
+    same config, starting from its own tensors. The starting weights always come from disk, never from another
+    trainer's in-memory model: a LoRA trained on a model merged in-process by an earlier trainer changed nothing at
+    inference here. With `checkpoints` (the folder `trainer_config.output_dir` names) training resumes from a
+    checkpoint a killed run left.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -144,9 +146,15 @@ def train_lora(run, start_dir: str, model_cfg, lora, trainer_cls, trainer_config
     tokenizer = models.load_tokenizer(start_dir)
     model = AutoModelForCausalLM.from_pretrained(start_dir, dtype=models.torch_dtype(model_cfg.dtype),
                                                  trust_remote_code=model_cfg.trust_remote_code)
+    if init_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+        peft_config = None
+    else:
+        peft_config = models.lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules)
     trainer = trainer_cls(model=model, args=trainer_config, train_dataset=train_set, processing_class=tokenizer,
-                          peft_config=models.lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules),
-                          callbacks=[tracking.metrics_callback(run.run_id), nan_guard()])
+                          peft_config=peft_config, callbacks=[tracking.metrics_callback(run.run_id), nan_guard()])
     trainable, total = models.trainable_parameter_count(trainer.model)
     run.log_params({"lora.trainable_parameters": trainable, "model.parameters": total})
     resume_from = checkpoints.resume_from if checkpoints else None

@@ -114,6 +114,11 @@ def resolve_inputs(cfg: ExpoConfig, run: tracking.StageRun) -> ExpoInputs:
     # The aligned adapter sits on exactly the SFT model: EXPO is then a LoRA adapter of its own.
     on_sft = aligned.adapter_base == [*sft.adapter_base, sft.run_id]
     inputs = ExpoInputs(aligned, sft, aligned_chain, sft_chain, mode="lora" if on_sft else "merged")
+    if cfg.form == "seed" and not on_sft:
+        raise RealignError(f"form=seed scales the aligned LoRA adapter, but aligned run {aligned.run_id} was not "
+                           f"trained on the SFT run {sft.run_id}: there is no adapter on θ_sft to scale",
+                           "use form=paper (computed on the merged weights), or an aligned run trained on that "
+                           "SFT run (realign align --method dpo --sft-run <sft run id>)")
     if inputs.mode == "lora":
         from safetensors.torch import load_file
 
@@ -184,10 +189,16 @@ def extrapolate_and_log(run: tracking.StageRun, cfg: ExpoConfig, inputs: ExpoInp
 
     out_dir = run.workdir / "expo"
     if inputs.mode == "lora":
-        adapter_dir = write_scaled_adapter(inputs, expo_ops.lora_update_factor(alpha), out_dir / "adapter")
+        adapter_dir = write_scaled_adapter(inputs, cfg.form, alpha, out_dir / "adapter")
         run.set_tags({tracking.TAG_ADAPTER_BASE: ",".join(inputs.aligned.adapter_base),
                       tracking.TAG_OUTPUT: "adapter"})
-        run.log_params({"expo.mode": "lora", "expo.lora_b_factor": expo_ops.lora_update_factor(alpha)})
+        if cfg.form == "paper":
+            factors = {"expo.lora_b_factor": expo_ops.lora_update_factor(alpha),
+                       "expo.update_factor": expo_ops.lora_update_factor(alpha)}
+        else:
+            factors = {"expo.lora_a_factor": 2 * alpha, "expo.lora_b_factor": 2 * alpha,
+                       "expo.update_factor": expo_ops.seed_update_factor(alpha)}
+        run.log_params({"expo.mode": "lora", **factors})
         eval_model, eval_adapters = cfg.model, [*inputs.sft_chain, str(adapter_dir)]
     else:
         model_dir = write_merged_model(cfg, inputs, alpha, out_dir / "model")
@@ -208,12 +219,16 @@ def extrapolate_and_log(run: tracking.StageRun, cfg: ExpoConfig, inputs: ExpoInp
     return metrics
 
 
-def write_scaled_adapter(inputs: ExpoInputs, factor: float, out_dir: Path) -> Path:
-    """The aligned adapter with lora_B × factor: a standard PEFT dir with the aligned run's adapter_config.json."""
+def write_scaled_adapter(inputs: ExpoInputs, form: str, alpha: float, out_dir: Path) -> Path:
+    """The aligned adapter extrapolated in `form` (paper: lora_B × (1 + α); seed: A and B × 2α), as a standard
+    PEFT dir with the aligned run's adapter_config.json."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    scaled = expo_ops.scale_lora_update(inputs.aligned_state, factor)
+    if form == "seed":
+        scaled = expo_ops.scale_lora_factors(inputs.aligned_state, 2.0 * alpha)
+    else:
+        scaled = expo_ops.scale_lora_update(inputs.aligned_state, expo_ops.lora_update_factor(alpha))
     save_file(scaled, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     shutil.copyfile(Path(inputs.aligned.local_dir) / "adapter_config.json", out_dir / "adapter_config.json")
     return out_dir

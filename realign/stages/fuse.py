@@ -14,7 +14,7 @@ this module checks every input before any weight is loaded, then picks the form 
   this way, factor by factor (as PEFT's `add_weighted_adapter` does), which is not the same as fusing the weights:
   `auto` uses it for `restore` only.
 
-NLSR's adaptive layer selection (`adaptive`, for `restore`) measures per module the similarity of the fine-tuned
+NLSR's layer selection (`selection: adaptive | threshold`, for `restore`) measures per module the similarity of the fine-tuned
 and reference updates inside the region, both taken from the model they were trained from (the common start of
 their adapter chains, each without its own last adapter: the SFT model in the default chain, as in NLSR where both
 LoRAs sit on the SFT model; the base model when they share nothing), and draws the modules to transplant
@@ -288,6 +288,10 @@ def lora_ineligibility(inputs: FuseInputs) -> str:
         return "their LoRA target_modules differ"
     if ft_config.get("use_dora"):
         return "DoRA adapters are not plain A/B updates"
+    ft_root, ref_root = tracking.adapter_root(ft.run_id), tracking.adapter_root(ref.run_id)
+    if ft_root != ref_root:
+        return (f"the finetuned adapter descends from run {ft_root} and the reference's from run {ref_root}: their "
+                "A/B coordinates are unrelated (an attack with --adapter continue keeps its source's)")
     return ""
 
 
@@ -305,7 +309,7 @@ def fuse_lora(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun) -> Fu
     ref_state = load_file(str(ref_dir / "adapter_model.safetensors"))
     plan = merge_ops.FusionPlan(merge_ops.get_merge_method(cfg.method), merge_params(cfg), inputs.region)
     table = None
-    if cfg.method == "restore" and cfg.adaptive:
+    if cfg.method == "restore" and cfg.selection != "all":
         modules = sorted(merge_ops.lora_module_names(ft_state), key=lambda m: _model_position(inputs, m))
         similarities = merge_ops.lora_update_similarities(ft_state, ref_state, modules, inputs.region)
         table, chosen = _adaptive_selection(cfg, modules, similarities)
@@ -333,7 +337,7 @@ def fuse_full(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun) -> Fu
     out_dir = work / "fused" / "model"
     table = None
     with merge_ops.WeightFiles(finetuned_dir) as ft_files, merge_ops.WeightFiles(reference_dir) as ref_files:
-        if cfg.method == "restore" and cfg.adaptive:
+        if cfg.method == "restore" and cfg.selection != "all":
             anchor_dir = weights_dir(cfg.model, common_chain(inputs), work / "anchor")
             names = adaptive_candidates(inputs, ft_files.names)
             with merge_ops.WeightFiles(anchor_dir) as anchor_files:
@@ -407,9 +411,14 @@ def _model_position(inputs: FuseInputs, lora_module: str) -> int:
 
 
 def _adaptive_selection(cfg: FuseConfig, modules: list[str], similarities: list[float]):
-    probabilities = merge_ops.replacement_probabilities(similarities, cfg.prune_rate, cfg.epsilon,
-                                                        dissimilar_first=cfg.dissimilar_first)
-    replaced = merge_ops.sample_replaced(probabilities, cfg.seed)
+    """The modules restore transplants into: NLSR's seeded draw (adaptive) or its threshold rule (threshold)."""
+    if cfg.selection == "threshold":
+        replaced = merge_ops.below_threshold(similarities, cfg.tau)
+        probabilities = replaced.double()
+    else:
+        probabilities = merge_ops.replacement_probabilities(similarities, cfg.prune_rate, cfg.epsilon,
+                                                            prefer=cfg.prefer)
+        replaced = merge_ops.sample_replaced(probabilities, cfg.seed)
     table = {"module": list(modules), "similarity": [float(s) for s in similarities],
              "probability": [float(p) for p in probabilities], "replaced": [bool(r) for r in replaced]}
     return table, [m for m, r in zip(modules, replaced.tolist()) if r]
@@ -429,6 +438,7 @@ def log_changes(run: tracking.StageRun, result: FuseResult) -> None:
         metrics["replaced_modules"] = replaced
         metrics["replaced_module_fraction"] = replaced / max(len(result.modules_table["replaced"]), 1)
         run.log_table(result.modules_table, "fuse/modules.json")
+        run.log_figure(similarity_figure(result.modules_table), "figures/similarities.html")
     run.log_metrics(metrics)
     if per_layer:
         import plotly.graph_objects as go
@@ -437,6 +447,24 @@ def log_changes(run: tracking.StageRun, result: FuseResult) -> None:
         figure.update_layout(title="Weights changed by the fusion, per layer", xaxis_title="layer",
                              yaxis_title="changed (% of the layer's entries)")
         run.log_figure(figure, "figures/changed_fraction.html")
+
+
+def similarity_figure(table: dict[str, list]):
+    """Each module's similarity of the attacked and reference updates (in the model's order), replaced or kept."""
+    import plotly.graph_objects as go
+
+    figure = go.Figure()
+    for replaced, name, color in ((True, "replaced", "#c0392b"), (False, "kept", "#7f8c8d")):
+        picked = [i for i, r in enumerate(table["replaced"]) if r == replaced]
+        figure.add_trace(go.Scatter(
+            x=picked, y=[table["similarity"][i] for i in picked], mode="markers", name=name,
+            marker={"color": color, "size": 7}, text=[table["module"][i] for i in picked],
+            customdata=[table["probability"][i] for i in picked],
+            hovertemplate="%{text}<br>similarity=%{y:.4f}<br>p(replace)=%{customdata:.3f}<extra>%{fullData.name}</extra>"))
+    figure.update_layout(title="Similarity of the attacked and reference updates per module (inside the region)",
+                         xaxis_title="module (model order)", yaxis_title="cosine similarity", template="plotly_white",
+                         showlegend=True)
+    return figure
 
 
 def log_attacked_numbers(run: tracking.StageRun, finetuned: tracking.InputRun, identity: dict[str, str]) -> None:

@@ -56,7 +56,7 @@ def score_settings(cfg: ScoreConfig, num_heads: int = 0, state_budget_bytes: int
     return neurons.ScoreSettings(
         sparsity=cfg.sparsity, top_q=cfg.top_q, top_p=cfg.top_p, difference_score=cfg.difference_score,
         safety_rank=cfg.rank, utility_rank=cfg.utility_rank, lora_rank_fraction=cfg.lora_rank_fraction,
-        num_heads=num_heads, state_budget_bytes=state_budget_bytes or neurons.ScoreSettings.state_budget_bytes)
+        lora_sequential=cfg.lora_sequential, comparison=cfg.comparison, num_heads=num_heads, state_budget_bytes=state_budget_bytes or neurons.ScoreSettings.state_budget_bytes)
 
 
 @dataclass
@@ -79,9 +79,13 @@ def run_score(overrides: dict[str, Any]) -> str:
         run.set_tags({tracking.TAG_METHOD: cfg.method, tracking.TAG_BASE_MODEL: cfg.model.name})
         run.log_config(cfg)
         weights = resolve_weights(cfg, run)
-        safety_rows = safety_calibration(cfg)
+        own_answers = cfg.data.safety_source == "self"
+        safety_rows = None if own_answers else safety_calibration(cfg)
         utility_rows = utility_calibration(cfg) if method.uses_utility(score_settings(cfg)) else None
-        run.log_dataset(safety_rows, name=f"score-safety-{cfg.data.safety_source}", context="calibration-safety")
+        if own_answers:
+            check_judge(cfg.eval.judge)
+        else:
+            run.log_dataset(safety_rows, name=f"score-safety-{cfg.data.safety_source}", context="calibration-safety")
         if utility_rows is not None:
             run.log_dataset(utility_rows, name=f"score-utility-{cfg.data.utility}", context="calibration-utility")
 
@@ -89,6 +93,10 @@ def run_score(overrides: dict[str, Any]) -> str:
         model, base_config = load_scored_model(weights)
         tokenizer = models.load_tokenizer(weights.model_cfg)
         modules = scored_modules(model, cfg, weights)
+        if own_answers:
+            safety_rows, kept = own_safe_answers(cfg, model, tokenizer)
+            run.log_params({"data.self_answers": kept["answered"], "data.self_kept": kept["kept"]})
+            run.log_dataset(safety_rows, name="score-safety-self", context="calibration-safety")
         safety = calibration_batches(tokenizer, safety_rows, cfg)
         utility = calibration_batches(tokenizer, utility_rows, cfg) if utility_rows is not None else []
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -148,6 +156,29 @@ def safety_calibration(cfg: ScoreConfig):
         rows = hub.load_safety_pairs(hub.SAFERLHF_ID if source == "hub" else source, "train", n, seed)
         pairs = [(row["prompt"], row["safe_response"]) for row in rows]
     return Dataset.from_dict({"prompt": [data.format_prompt(p) for p, _ in pairs], "response": [r for _, r in pairs]})
+
+
+def own_safe_answers(cfg: ScoreConfig, model, tokenizer):
+    """NLSR's calibration: the scored model's own greedy answers to harmful training prompts, kept where the
+    evaluation judge calls them safe; (rows, counts). Twice `nsamples` prompts are answered so that up to
+    `nsamples` safe answers remain; fewer are used (and counted) when the model complies more often."""
+    from datasets import Dataset
+
+    from realign.eval import generate_responses, get_judge
+
+    rows = data.pku_saferlhf("train", 2 * cfg.nsamples, cfg.seed)
+    questions = [row["prompt"] for row in rows]
+    answers = generate_responses(model, tokenizer, [data.format_prompt(q) for q in questions],
+                                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    judge = get_judge(cfg.eval.judge, **({"judge_path": cfg.eval.judge_path} if cfg.eval.judge_path else {}))
+    flags = judge.judge(questions, answers)
+    kept = [(q, a) for q, a, flagged in zip(questions, answers, flags) if not flagged and a.strip()][:cfg.nsamples]
+    if not kept:
+        raise RealignError(f"data.safety_source=self: the judge {cfg.eval.judge} flagged every one of the model's "
+                           f"{len(questions)} answers, so no safe answer is left to calibrate on",
+                           "use data.safety_source=builtin, or score a safer model")
+    dataset = Dataset.from_dict({"prompt": [data.format_prompt(q) for q, _ in kept], "response": [a for _, a in kept]})
+    return dataset, {"answered": len(questions), "kept": len(kept)}
 
 
 def utility_calibration(cfg: ScoreConfig):
