@@ -131,6 +131,7 @@ def normalize_runs(runs: pd.DataFrame) -> pd.DataFrame:
         "size": _number(runs, "params.size"),
         "alpha": _number(runs, "params.alpha"),  # a sweep parent's list parses to NaN; parents are dropped anyway
         "granularity": _text(runs, "params.fuse.granularity"),  # the region the fuse run used; "full" = none
+        "adapter": _text(runs, "params.adapter"),  # attack: new, or continue (the source's own adapter trained on)
     }, index=runs.index)
     for tag in SCORE_IDENTITY_TAGS:
         frame[tag] = _text(runs, f"tags.{tag}")
@@ -248,8 +249,9 @@ def _attack_rows(frame: pd.DataFrame) -> pd.DataFrame:
     attacks = frame[frame["stage"] == "attack"].copy()
     attacks["source_found"] = attacks["source_aligned"].isin(sources.index)
     attacks["method"] = [
-        _source_label(sources.loc[src]) if found else method
-        for src, found, method in zip(attacks["source_aligned"], attacks["source_found"], attacks["method"])]
+        (_source_label(sources.loc[src]) if found else method) + ("+continue" if adapter == "continue" else "")
+        for src, found, method, adapter in zip(attacks["source_aligned"], attacks["source_found"], attacks["method"],
+                                               attacks["adapter"])]
     return attacks
 
 

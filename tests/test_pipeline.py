@@ -43,6 +43,16 @@ def _steps(parent_id):
     return {row.step: (row.run_id, bool(row.reused)) for row in table.itertuples()}
 
 
+def _cells(parent_id):
+    """step -> the run ids of its cells, in order."""
+    experiment_id = mlflow.get_run(parent_id).info.experiment_id
+    table = mlflow.MlflowClient().load_table(experiment_id, "pipeline/steps.json", run_ids=[parent_id])
+    cells = {}
+    for row in table.itertuples():
+        cells.setdefault(row.step, []).append(row.run_id)
+    return cells
+
+
 def test_second_call_reuses_every_stage_run(tracking_store, tmp_path):
     path = _write(tmp_path, TINY_CHAIN)
     first = _steps(run_pipeline({"name": path}))
@@ -161,3 +171,34 @@ def test_default_experiment_runs_end_to_end_on_the_tiny_model(tracking_store):
     assert fuse.data.tags["realign.source.mask"] == steps["score"][0]
     assert "harmful_score" in fuse.data.metrics
     assert mlflow.get_run(steps["compare"][0]).data.metrics["runs_compared"] >= 6
+
+
+def test_nlsr_smollm2_experiment_runs_the_faithful_chain_on_the_tiny_model(tracking_store, tmp_path):
+    """conf/experiments/nlsr-smollm2.yaml with tiny budgets: continued attacks, a LoRA region of the seed-form EXPO
+    adapter, NLSR's adaptive restore in LoRA coordinates (with its drawn-module table) beside the merged path."""
+    train = {f"{step}.{key}": value for step in ("sft", "dpo", "attack") for key, value in TINY_TRAIN.items()}
+    quiet_eval = {"eval.judge": "keyword", "eval.num_prompts": "4", "eval.max_new_tokens": "8",
+                  "eval.task_examples": "4"}
+    overrides = {"name": "nlsr-smollm2", "model": "tiny", "experiment": "nlsr", **train,
+                 "sft.data.num_examples": "16", "dpo.data.num_examples": "16", "attack.size": "12",
+                 **{f"{step}.eval.enabled": "false" for step in ("sft", "dpo", "attack", "expo", "region_merged")},
+                 "region.nsamples": "4", "region.data.max_length": "96", "region_merged.nsamples": "4",
+                 "region_merged.data.max_length": "96", "region.eval.judge": "keyword",
+                 "region.eval.num_prompts": "2", "region.eval.max_new_tokens": "4",
+                 **{f"{step}.{key}": value for step in ("restore", "restore_merged") for key, value in quiet_eval.items()}}
+    # A random model writes no answer the keyword judge calls safe, so its region calibrates on the builtin safe
+    # answers here; the self calibration itself is tested in test_score.
+    overrides["region.data.safety_source"] = "builtin"
+    steps = _cells(run_pipeline(overrides))
+    assert len(steps["attack"]) == 3 and len(steps["restore"]) == 3 and len(steps["restore_merged"]) == 3
+    for attack_id in steps["attack"]:
+        assert mlflow.get_run(attack_id).data.tags["realign.adapter_init"] == steps["dpo"][0]
+    client = mlflow.MlflowClient()
+    for restore_id, attack_id in zip(steps["restore"], steps["attack"]):
+        run = mlflow.get_run(restore_id)
+        assert run.data.params["fuse.mode"] == "lora" and run.data.tags["realign.source.finetuned"] == attack_id
+        assert "fuse/modules.json" in [a.path for a in client.list_artifacts(restore_id, "fuse")]
+    for restore_id in steps["restore_merged"]:
+        assert mlflow.get_run(restore_id).data.params["fuse.mode"] == "full"
+    expo = mlflow.get_run(steps["expo"][0])
+    assert expo.data.params["form"] == "seed"
