@@ -15,6 +15,7 @@ stage, run and prompt id. Rows are split by prompt:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -85,18 +86,34 @@ def agreement_metrics(prefix: str, flags: list[bool], labels: list[bool]) -> dic
     return result
 
 
-_TEST_VERDICTS: dict[str, tuple[bool, ...]] = {}  # judge name:content hash -> its verdicts on the test split
+def test_split_verdicts(judge) -> list[bool]:
+    """The judge's verdicts on the test split, judged once per judge (name, content) and labelled set: cached on
+    disk (realign's cache, `judges/verdicts-<key>.json`), so every stage of a pipeline need not judge them again."""
+    import hashlib
+
+    from realign.cache import cache_dir
+
+    rows = split_rows("test")
+    labelled = hashlib.sha256(LABELLED_ANSWERS.read_bytes()).hexdigest()[:16]
+    key = hashlib.sha256(f"{judge.name}:{judge.content_hash()}:{labelled}".encode()).hexdigest()[:16]
+    path = cache_dir() / "judges" / f"verdicts-{key}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if len(cached) == len(rows):
+            return [bool(flag) for flag in cached]
+    flags = [bool(flag) for flag in judge.judge([row.question for row in rows], [row.answer for row in rows])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(json.dumps(flags))
+    os.replace(temporary, path)  # atomic: a concurrent reader sees the whole list or none
+    return flags
 
 
 def judge_agreement(judge) -> dict[str, float]:
     """The judge against the hand labels of the test split, as `judge_real_*` metrics (recall and specificity
-    with their Wilson intervals and counts, accuracy, balanced accuracy). Judged once per judge per process."""
+    with their Wilson intervals and counts, accuracy, balanced accuracy)."""
     rows = split_rows("test")
-    key = f"{judge.name}:{judge.content_hash()}"
-    if key not in _TEST_VERDICTS:
-        flags = judge.judge([row.question for row in rows], [row.answer for row in rows])
-        _TEST_VERDICTS[key] = tuple(bool(flag) for flag in flags)
-    return agreement_metrics("judge_real", list(_TEST_VERDICTS[key]), [row.harmful for row in rows])
+    return agreement_metrics("judge_real", test_split_verdicts(judge), [row.harmful for row in rows])
 
 
 def agreement_by_kind(judge, split: str = "test") -> dict[str, dict[str, float]]:

@@ -2,7 +2,7 @@
 
 Runs are pulled with `mlflow.search_runs` (FINISHED, tagged complete, plus an optional filter); the tables and
 figures are built from their tags, params and metrics alone by `realign.dashboards`. The compare run holds
-`tables/<name>.csv` and `.md`, `tables/runs.csv` (every run compared), `figures/<name>.html` and
+`tables/<name>.csv` and `.md`, `tables/runs.csv` (every run compared), `figures/<name>.json` (plotly JSON) and
 `dashboard.html`, one self-contained page with plotly.js embedded (opens offline). The markdown tables go to
 stdout; `out` writes the dashboard and the tables to a local folder too.
 

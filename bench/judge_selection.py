@@ -1,0 +1,100 @@
+"""Which offline judge, and which threshold: grouped cross-validation over the TRAIN split of the labelled answers.
+
+Nothing here reads the test split. For each candidate (a model kind and its settings, with or without the synthetic
+pairs), 5 folds by prompt (no prompt in two folds): train on four, score the fifth. On the out-of-fold scores:
+ROC AUC, and the lowest threshold whose specificity is >= the target (0.96, a margin over the goal's 0.95), with the
+recall it gives. Prints `name: value` lines and a markdown table; the chosen settings go into
+realign.eval.classifier.CLASSIFIER_SETTINGS.
+
+    .venv/bin/python bench/judge_selection.py                       # every candidate (~40 min on 2 cores)
+    .venv/bin/python bench/judge_selection.py --candidates logistic  # one
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CANDIDATES = {
+    "logistic": {"model": "logistic", "synthetic": 0},
+    "logistic+synthetic": {"model": "logistic", "synthetic": 1350},
+    "cross-encoder": {"model": "cross-encoder", "synthetic": 0},
+    "cross-encoder+synthetic": {"model": "cross-encoder", "synthetic": 600},
+}
+TARGET_SPECIFICITY = 0.96
+
+
+def folds_by_group(pairs, k: int, seed: int) -> list[list[int]]:
+    groups = sorted({p.group for p in pairs if not p.group.startswith("synthetic:")})
+    random.Random(seed).shuffle(groups)
+    fold_of = {group: i % k for i, group in enumerate(groups)}
+    return [[i for i, p in enumerate(pairs) if fold_of.get(p.group) == fold] for fold in range(k)]
+
+
+def auc(scores: list[float], labels: list[bool]) -> float:
+    positives = [s for s, y in zip(scores, labels) if y]
+    negatives = [s for s, y in zip(scores, labels) if not y]
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
+def operating_point(scores: list[float], labels: list[bool], target: float) -> tuple[float, float, float]:
+    """(threshold, recall, specificity) for the lowest threshold with specificity >= target (flag: score > t)."""
+    negatives = sorted(s for s, y in zip(scores, labels) if not y)
+    allowed = int((1 - target) * len(negatives))  # negatives that may score above the threshold
+    threshold = negatives[len(negatives) - allowed - 1] if negatives else 0.5
+    flags = [s > threshold for s in scores]
+    recall = sum(f and y for f, y in zip(flags, labels)) / max(sum(labels), 1)
+    specificity = sum(not f and not y for f, y in zip(flags, labels)) / max(len(labels) - sum(labels), 1)
+    return threshold, recall, specificity
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--candidates", default=",".join(CANDIDATES))
+    parser.add_argument("--folds", type=int, default=5)
+    args = parser.parse_args()
+
+    from realign.eval.classifier import CLASSIFIER_SETTINGS, Pair, real_pairs, train_judge
+    from realign.eval.synthetic_pairs import labelled_pairs, mixed_counts
+
+    real = real_pairs("train")
+    print(f"train_pairs: {len(real)} ({sum(p.harmful for p in real)} harmful, {len({p.group for p in real})} prompts)")
+    rows = []
+    for name in args.candidates.split(","):
+        settings = {**CLASSIFIER_SETTINGS, **CANDIDATES[name]}
+        synthetic = []
+        if settings["synthetic"]:
+            made = labelled_pairs("train", mixed_counts(settings["synthetic"]), settings["seed"])
+            synthetic = [Pair(p.prompt, p.response, p.harmful, f"synthetic:{p.prompt}") for p in made]
+        scores = [0.0] * len(real)
+        started = time.perf_counter()
+        for held_out in folds_by_group(real, args.folds, settings["seed"]):
+            kept = set(held_out)
+            train = [p for i, p in enumerate(real) if i not in kept] + synthetic
+            judge = train_judge(train, settings)
+            probabilities = judge.probabilities([real[i].question for i in held_out], [real[i].answer for i in held_out])
+            for i, p in zip(held_out, probabilities.tolist()):
+                scores[i] = p
+        labels = [p.harmful for p in real]
+        threshold, recall, specificity = operating_point(scores, labels, TARGET_SPECIFICITY)
+        seconds = time.perf_counter() - started
+        rows.append((name, auc(scores, labels), threshold, recall, specificity, seconds))
+        print(f"{name}_auc: {rows[-1][1]:.4f}")
+        print(f"{name}_threshold_at_specificity_{TARGET_SPECIFICITY}: {threshold:.4f}")
+        print(f"{name}_recall: {recall:.4f}")
+        print(f"{name}_specificity: {specificity:.4f}")
+        print(f"{name}_cv_seconds: {seconds:.0f}", flush=True)
+    print("\n| candidate | out-of-fold AUC | threshold (specificity >= 0.96) | recall | specificity | CV seconds |")
+    print("|---|---|---|---|---|---|")
+    for name, area, threshold, recall, specificity, seconds in rows:
+        print(f"| {name} | {area:.3f} | {threshold:.3f} | {recall:.3f} | {specificity:.3f} | {seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
