@@ -82,3 +82,22 @@ def test_invalid_yaml_is_reported(tmp_path):
     bad.write_text("method: dpo\n  train: [\n")
     with pytest.raises(RealignError, match="not valid YAML"):
         resolve_stage_config(AlignConfig, "align", str(bad), {})
+
+
+def test_every_family_is_one_registry_shape_with_one_line_for_an_unknown_name():
+    from realign.eval.judges import JUDGES
+    from realign.ops.merge import MERGE_METHODS
+    from realign.ops.neurons import METHODS
+    from realign.registry import Registry
+    from realign.stages.align import ALIGN_METHODS
+
+    for registry, family in ((ALIGN_METHODS, "align method"), (JUDGES, "judge"), (METHODS, "scoring method"),
+                             (MERGE_METHODS, "fusion method")):
+        assert isinstance(registry, Registry)
+        with pytest.raises(RealignError, match=f"unknown {family} 'nope' — use one of: {registry.names()[0]}"):
+            registry.get("nope")
+    local = Registry("widget")
+    local.register("a", 1)
+    with pytest.raises(ValueError, match="registered twice"):
+        local.register("a", 2)
+    assert list(local) == ["a"] and "a" in local and local["a"] == 1 and len(local) == 1

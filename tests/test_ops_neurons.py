@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from realign import data, models
 from realign.config import DEFAULT_TARGET_MODULES, ModelConfig
+from realign.errors import RealignError
 from realign.ops import masks, neurons
 
 TINY = ModelConfig(name="tiny", source="tiny")
@@ -354,5 +355,5 @@ def test_registry_names_each_method_once_with_its_region_kind():
         assert method.kind in masks.KINDS and set(method.targets) <= set(neurons.TARGETS)
     assert neurons.METHODS["actsvd"].uses_utility(neurons.ScoreSettings(utility_rank=2))
     assert not neurons.METHODS["actsvd"].uses_utility(neurons.ScoreSettings(utility_rank=0))
-    with pytest.raises(KeyError, match="unknown scoring method 'magnitude'"):
+    with pytest.raises(RealignError, match="unknown scoring method 'magnitude'"):
         neurons.get_method("magnitude")

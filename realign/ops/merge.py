@@ -43,6 +43,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from realign.registry import Registry
+
 from realign.ops.masks import BASIS_SEPARATOR, rank_projection
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,9 +78,8 @@ class MergeMethod:
     summary: str = ""
 
 
-MERGE_METHODS: dict[str, MergeMethod] = {
-    m.name: m
-    for m in (
+MERGE_METHODS: Registry[MergeMethod] = Registry("fusion method")
+for _method in (
         MergeMethod("average", "task_arithmetic", normalize=True, scaled=False, uses=("weights",),
                     summary="weighted mean of the models' weights"),
         MergeMethod("task_arithmetic", "task_arithmetic", uses=("weights", "scale"),
@@ -94,14 +95,12 @@ MERGE_METHODS: dict[str, MergeMethod] = {
                     summary="TIES on the entries ≥ k TALL masks keep"),
         MergeMethod("restore", "restore", uses=(),
                     summary="the reference's weights transplanted into the region (NLSR)"),
-    )
-}
+):
+    MERGE_METHODS.register(_method.name, _method)
 
 
 def get_merge_method(name: str) -> MergeMethod:
-    if name not in MERGE_METHODS:
-        raise ValueError(f"unknown fusion method {name!r}; one of {', '.join(MERGE_METHODS)}")
-    return MERGE_METHODS[name]
+    return MERGE_METHODS.get(name)
 
 
 def trim_count(numel: int, density: float) -> int:

@@ -47,6 +47,8 @@ import torch.utils.checkpoint
 from torch import nn
 from tqdm import tqdm
 
+from realign.registry import Registry
+
 IGNORE_INDEX = -100  # label of a prompt or padding token: no loss, no activation
 TARGETS = ("weights", "lora")
 LORA_PARTS = ("lora_A", "lora_B")
@@ -646,12 +648,11 @@ def _keep(region: Region, scored: ScoredModule, mask: torch.Tensor) -> None:
     region.totals[scored.key] = mask.numel()
 
 
-METHODS: dict[str, ScoreMethod] = {}
+METHODS: Registry[ScoreMethod] = Registry("scoring method")
 
 
 def register(method: ScoreMethod) -> ScoreMethod:
-    METHODS[method.name] = method
-    return method
+    return METHODS.register(method.name, method)
 
 
 def _never(settings: ScoreSettings) -> bool:
@@ -679,9 +680,7 @@ register(ScoreMethod("lora_actsvd", "neurons", ("lora",), _never,
 
 
 def get_method(name: str) -> ScoreMethod:
-    if name not in METHODS:
-        raise KeyError(f"unknown scoring method {name!r}; one of {', '.join(METHODS)}")
-    return METHODS[name]
+    return METHODS.get(name)
 
 
 def score_region(method_name: str, model: nn.Module, modules: Sequence[ScoredModule],

@@ -14,8 +14,10 @@ from typing import Any, Callable
 from realign import data, distributed, models, tracking
 from realign.config import AlignConfig, resolve_stage_config
 from realign.errors import RealignError
+from realign.registry import Registry
 from realign.stages.common import plan_checkpoints, train_lora, trainer_arguments
-from realign.stages.evaluate import check_judge, evaluate_and_log
+from realign.eval.judges import check_judge
+from realign.stages.evaluate import evaluate_and_log
 
 
 @dataclass(frozen=True)
@@ -61,22 +63,19 @@ def _simpo(cfg: AlignConfig, common: dict[str, Any]):
                                  simpo_gamma=cfg.train.simpo_gamma)
 
 
-ALIGN_METHODS: dict[str, AlignMethod] = {
-    m.name: m
-    for m in (
-        AlignMethod("sft", "prompt_completion", _sft),
-        AlignMethod("dpo", "preference", _dpo, uses=("beta",)),
-        AlignMethod("orpo", "preference", _orpo, uses=("beta",)),
-        AlignMethod("kto", "unpaired", _kto, uses=("beta",)),
-        AlignMethod("simpo", "preference", _simpo, uses=("beta", "simpo_gamma")),
-    )
-}
+ALIGN_METHODS: Registry[AlignMethod] = Registry("align method")
+for _method in (
+    AlignMethod("sft", "prompt_completion", _sft),
+    AlignMethod("dpo", "preference", _dpo, uses=("beta",)),
+    AlignMethod("orpo", "preference", _orpo, uses=("beta",)),
+    AlignMethod("kto", "unpaired", _kto, uses=("beta",)),
+    AlignMethod("simpo", "preference", _simpo, uses=("beta", "simpo_gamma")),
+):
+    ALIGN_METHODS.register(_method.name, _method)
 
 
 def get_align_method(name: str) -> AlignMethod:
-    if name not in ALIGN_METHODS:
-        raise RealignError(f"unknown align method {name!r}", f"use one of: {', '.join(ALIGN_METHODS)}")
-    return ALIGN_METHODS[name]
+    return ALIGN_METHODS.get(name)
 
 
 def resolve_align_config(overrides: dict[str, Any]) -> AlignConfig:

@@ -15,7 +15,8 @@ from realign import data, distributed, models, tracking
 from realign.config import AttackConfig, resolve_stage_config
 from realign.errors import RealignError
 from realign.stages.common import plan_checkpoints, train_lora, trainer_arguments
-from realign.stages.evaluate import check_judge, check_task, evaluate_and_log
+from realign.eval.judges import check_judge
+from realign.stages.evaluate import check_task, evaluate_and_log
 
 SOURCE_STAGES = ("align", "expo")
 

@@ -17,6 +17,7 @@ from typing import Any
 from realign import data, models, tracking
 from realign.config import EvalSettings, EvaluateConfig, resolve_stage_config
 from realign.errors import RealignError
+from realign.eval.judges import check_judge
 
 # Enough new tokens for each task's answer: a label word, or a worked solution for GSM8K.
 TASK_MAX_NEW_TOKENS = {"sst2": 8, "ag_news": 8, "gsm8k": 192, "alpaca": 96}
@@ -190,13 +191,6 @@ def run_evaluate(overrides: dict[str, Any]) -> str:
             tracking.copy_evaluation(target.run_id, result.metrics, result.identity)
         run.mark_complete()
         return run.run_id
-
-
-def check_judge(name: str) -> None:
-    from realign.eval.judges import JUDGES
-
-    if name not in JUDGES:
-        raise RealignError(f"unknown judge {name!r}", f"use one of: {', '.join(JUDGES)}")
 
 
 def check_task(task: str) -> None:

@@ -27,7 +27,8 @@ from realign.config import ExpoConfig, resolve_stage_config
 from realign.errors import RealignError
 from realign.ops import expo as expo_ops
 from realign.stages.align import ALIGN_METHODS, get_align_method
-from realign.stages.evaluate import check_judge, check_task, evaluate_and_log
+from realign.eval.judges import check_judge
+from realign.stages.evaluate import check_task, evaluate_and_log
 
 PREFERENCE_METHODS = tuple(name for name in ALIGN_METHODS if name != "sft")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")

@@ -40,7 +40,8 @@ from realign.config import FuseConfig, ModelConfig, resolve_stage_config
 from realign.errors import RealignError
 from realign.ops import masks as region_files
 from realign.ops import merge as merge_ops
-from realign.stages.evaluate import check_judge, check_task, evaluate_and_log
+from realign.eval.judges import check_judge
+from realign.stages.evaluate import check_task, evaluate_and_log
 
 REFERENCE_STAGES = ("align", "expo")
 LORA_CONFIG_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "bias")

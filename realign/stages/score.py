@@ -26,7 +26,8 @@ from realign.config import ScoreConfig, resolve_stage_config
 from realign.errors import RealignError
 from realign.ops import masks
 from realign.ops import neurons
-from realign.stages.evaluate import check_judge, evaluate_model
+from realign.eval.judges import check_judge
+from realign.stages.evaluate import evaluate_model
 
 SCORED_STAGES = ("align", "expo")
 SANITY_VARIANTS = ("zeroed_selected", "zeroed_random")
