@@ -5,7 +5,7 @@ Inputs: SmolLM2-135M (the offline default, float32, one safetensors file) as the
 Each side runs in a subprocess of its own; its peak resident memory is that child's `ru_maxrss` (os.wait4), so
 the Python interpreter and torch import count on both sides. Three sides:
 
-- ``realign``: `realign.ops.merge.stream_fusion`, what `realign fuse` runs on full weights (row chunks, streamed
+- ``realign``: `realign.ops.streaming.stream_fusion`, what `realign fuse` runs on full weights (row chunks, streamed
   safetensors output);
 - ``eager``: every input loaded whole, then fused tensor by tensor (what loading all inputs at once costs);
 - ``mergekit``: `mergekit-yaml` (PyPI `mergekit`, the tool users would pick instead) on the same merge, from
@@ -133,13 +133,13 @@ def write_mergekit_config(inputs: dict[str, str], path: Path) -> Path:
 
 
 def run_side(side: str, inputs: dict[str, str], out: Path) -> None:
-    from realign.ops import merge
+    from realign.ops import merge, streaming
 
     plan = merge.FusionPlan(merge.get_merge_method("ties"), merge.MergeParams(weights=(1.0, 1.0), density=DENSITY))
     if side == "realign":
-        with merge.WeightFiles(inputs["copy1"]) as first, merge.WeightFiles(inputs["copy2"]) as second, \
-                merge.WeightFiles(inputs["base"]) as base:
-            merge.stream_fusion(plan, merge.StreamInputs(first, second, base), out)
+        with streaming.WeightFiles(inputs["copy1"]) as first, streaming.WeightFiles(inputs["copy2"]) as second, \
+                streaming.WeightFiles(inputs["base"]) as base:
+            streaming.stream_fusion(plan, streaming.StreamInputs(first, second, base), out)
         return
     if side == "eager":
         from safetensors.torch import load_file, save_file

@@ -6,6 +6,7 @@ that lists the names there are. Adding a method is one `register` call next to i
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
@@ -26,6 +27,15 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.family} {name!r} is registered twice")
         self._entries[name] = entry
         return entry
+
+    @contextlib.contextmanager
+    def temporarily(self, name: str, entry: T) -> Iterator[T]:
+        """`entry` registered as `name` for the body only (a test's own method or stage)."""
+        self.register(name, entry)
+        try:
+            yield entry
+        finally:
+            del self._entries[name]
 
     def get(self, name: str) -> T:
         """The entry named `name`; else one line: unknown <family> 'name' — use one of: ..."""

@@ -20,7 +20,7 @@ from realign import models, tracking
 from realign.cli import main
 from realign.config import ModelConfig
 from realign.errors import RealignError
-from realign.ops import masks, merge
+from realign.ops import masks, merge, nlsr
 from realign.stages.align import run_align
 from realign.stages.attack import run_attack
 from realign.stages.fuse import model_layout, run_fuse
@@ -301,9 +301,9 @@ def test_nlsr_adaptive_selection_transplants_the_drawn_modules_only(store, tmp_p
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert [row["module"] for row in rows] == _linear_names(shapes), "every region module, in the model's order"
     # The draw, recomputed from the logged similarities with the documented rule.
-    probabilities = merge.replacement_probabilities([row["similarity"] for row in rows], 0.5, 0.3)
+    probabilities = nlsr.replacement_probabilities([row["similarity"] for row in rows], 0.5, 0.3)
     assert [row["probability"] for row in rows] == pytest.approx(probabilities.tolist())
-    drawn = merge.sample_replaced(probabilities, 3).tolist()
+    drawn = nlsr.sample_replaced(probabilities, 3).tolist()
     assert [row["replaced"] for row in rows] == drawn and 0 < sum(drawn) < len(drawn)
     assert run.data.metrics["replaced_modules"] == sum(drawn)
     # The similarities: cosine of the two updates from the SFT model (the chains' common start), in the region.

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from realign.ops import merge
+from realign.ops import merge, nlsr, regions, streaming
 from realign.ops.masks import rank_projection
 
 BASE = [0.5, -1.0, 2.0, 0.0, 1.5, -0.5]
@@ -153,7 +153,7 @@ def test_restore_transplants_the_reference_bit_for_bit_and_keeps_the_dtype():
     ref = torch.randn(5, 3, dtype=torch.bfloat16)
     assert torch.equal(merge.merge_tensors("restore", merge.MergeParams(), None, ft, ref), ref)
     mask = torch.tensor([[True, False, True]] * 5)
-    plan = merge.FusionPlan(merge.get_merge_method("restore"), region=merge.Region("neurons", masks={"w": mask}))
+    plan = merge.FusionPlan(merge.get_merge_method("restore"), region=regions.FusionRegion("neurons", masks={"w": mask}))
     out = plan.fuse("w", None, ft, ref)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out[mask], ref[mask]) and torch.equal(out[~mask], ft[~mask])
@@ -164,7 +164,7 @@ def test_outside_the_region_the_finetuned_weights_stay_bit_identical(method):
     torch.manual_seed(0)
     base, ft, ref = (torch.randn(6, 4) for _ in range(3))
     mask = torch.rand(6, 4) > 0.6
-    region = merge.Region("neurons", masks={"inside": mask})
+    region = regions.FusionRegion("neurons", masks={"inside": mask})
     plan = merge.FusionPlan(merge.get_merge_method(method), merge.MergeParams(density=0.5, scale=0.5), region)
     out = plan.fuse("inside", base, ft, ref)
     unrestricted = merge.merge_tensors(method, merge.MergeParams(density=0.5, scale=0.5), base, ft, ref)
@@ -177,7 +177,7 @@ def test_outside_the_region_the_finetuned_weights_stay_bit_identical(method):
 def test_an_empty_mask_changes_nothing(method):
     torch.manual_seed(1)
     base, ft, ref = (torch.randn(4, 4) for _ in range(3))
-    region = merge.Region("neurons", masks={"w": torch.zeros(4, 4, dtype=torch.bool)})
+    region = regions.FusionRegion("neurons", masks={"w": torch.zeros(4, 4, dtype=torch.bool)})
     plan = merge.FusionPlan(merge.get_merge_method(method), merge.MergeParams(density=0.5), region)
     fused, changed = merge.fuse_state_dicts(plan, {"w": base}, {"w": ft}, {"w": ref})
     assert torch.equal(fused["w"], ft) and changed["w"] == (0, 16)
@@ -188,7 +188,7 @@ def test_rank_region_adds_only_the_projected_change():
     base, ft, ref = (torch.randn(4, 3) for _ in range(3))
     safety = torch.linalg.qr(torch.randn(4, 2)).Q
     utility = torch.linalg.qr(torch.randn(4, 1)).Q
-    region = merge.region_from_file({"w::safety": safety, "w::utility": utility}, "ranks")
+    region = regions.region_from_file({"w::safety": safety, "w::utility": utility}, "ranks")
     projection = (torch.eye(4) - utility @ utility.T) @ safety @ safety.T
     assert torch.allclose(region.projections["w"], projection, atol=1e-6)
     for method in ("restore", "task_arithmetic"):
@@ -198,7 +198,7 @@ def test_rank_region_adds_only_the_projected_change():
         assert torch.allclose(plan.fuse("w", base, ft, ref), expected, atol=1e-6)
         assert plan.fuse("v", base, ft, ref) is ft
     # A utility basis equal to the safety basis leaves nothing to restore.
-    same = merge.region_from_file({"w::safety": safety, "w::utility": safety}, "ranks")
+    same = regions.region_from_file({"w::safety": safety, "w::utility": safety}, "ranks")
     plan = merge.FusionPlan(merge.get_merge_method("restore"), region=same)
     assert torch.allclose(plan.fuse("w", None, ft, ref), ft, atol=1e-6)
     assert torch.allclose(rank_projection(safety, safety.new_zeros(4, 0)), safety @ safety.T)
@@ -210,7 +210,7 @@ def test_head_region_is_the_top_heads_q_rows_and_o_columns():
               for i in range(2) for p in ("q", "k", "v", "o")}
     scores = {"model.layers.0.self_attn": torch.tensor([0.1, 5.0, 0.2, 0.3]),
               "model.layers.1.self_attn": torch.tensor([4.0, 0.0, 4.0, 0.1])}
-    masks, selected = merge.head_masks(scores, 3 / 8, head_dim, shapes)
+    masks, selected = regions.head_masks(scores, 3 / 8, head_dim, shapes)
     # The 3 best of 8 heads: layer 0 head 1 (5.0), layer 1 heads 0 and 2 (4.0, tie kept in order).
     assert selected == [("model.layers.0.self_attn", 1), ("model.layers.1.self_attn", 0),
                         ("model.layers.1.self_attn", 2)]
@@ -226,30 +226,30 @@ def test_head_region_is_the_top_heads_q_rows_and_o_columns():
 def test_nlsr_probabilities_spread_by_similarity_rank():
     sims = [0.9, 0.1, 0.5]
     # Ranks: 0.9 → most similar (r̂ = 1), 0.5 → r̂ = 0.5, 0.1 → r̂ = 0; p over [0.3, 0.7].
-    dissimilar = merge.replacement_probabilities(sims, prune_rate=0.5, epsilon=0.2)
+    dissimilar = nlsr.replacement_probabilities(sims, prune_rate=0.5, epsilon=0.2)
     assert torch.allclose(dissimilar, torch.tensor([0.3, 0.7, 0.5], dtype=torch.float64))
     # The authors' code: argsort descending = [0, 2, 1]; ranks[that] = arange(4, 1, -1) = [4, 3, 2], so ranks
     # (4, 2, 3); min-max (1, 0, 0.5); p = (0.5 − 0.2) + 0.4·norm = (0.7, 0.3, 0.5).
-    as_released = merge.replacement_probabilities(sims, 0.5, 0.2, prefer="similar")
+    as_released = nlsr.replacement_probabilities(sims, 0.5, 0.2, prefer="similar")
     assert torch.allclose(as_released, torch.tensor([0.7, 0.3, 0.5], dtype=torch.float64))
-    assert merge.replacement_probabilities([0.4], 0.5, 0.2).tolist() == [0.5]
-    assert merge.replacement_probabilities([0.1, 0.2], 0.9, 0.2).max() == 1.0, "clipped to [0, 1]"
+    assert nlsr.replacement_probabilities([0.4], 0.5, 0.2).tolist() == [0.5]
+    assert nlsr.replacement_probabilities([0.1, 0.2], 0.9, 0.2).max() == 1.0, "clipped to [0, 1]"
 
 
 def test_nlsr_threshold_rule_replaces_modules_below_tau():
-    assert merge.below_threshold([0.05, 0.1, -0.3, 0.9], 0.1).tolist() == [True, False, True, False]
+    assert nlsr.below_threshold([0.05, 0.1, -0.3, 0.9], 0.1).tolist() == [True, False, True, False]
     with pytest.raises(ValueError, match="prefer"):
-        merge.replacement_probabilities([0.1, 0.2], 0.5, 0.2, prefer="both")
+        nlsr.replacement_probabilities([0.1, 0.2], 0.5, 0.2, prefer="both")
 
 
 def test_nlsr_sampling_is_the_seeded_bernoulli_draw():
     probabilities = torch.tensor([0.3, 0.7, 0.5, 0.1, 0.9, 0.5], dtype=torch.float64)
     torch.manual_seed(7)  # NLSR seeds torch, then draws torch.bernoulli
     expected = torch.bernoulli(probabilities).to(torch.bool)
-    assert torch.equal(merge.sample_replaced(probabilities, 7), expected)
-    assert torch.equal(merge.sample_replaced(probabilities, 7), merge.sample_replaced(probabilities, 7))
-    assert not merge.sample_replaced(torch.zeros(4, dtype=torch.float64), 0).any()
-    assert merge.sample_replaced(torch.ones(4, dtype=torch.float64), 0).all()
+    assert torch.equal(nlsr.sample_replaced(probabilities, 7), expected)
+    assert torch.equal(nlsr.sample_replaced(probabilities, 7), nlsr.sample_replaced(probabilities, 7))
+    assert not nlsr.sample_replaced(torch.zeros(4, dtype=torch.float64), 0).any()
+    assert nlsr.sample_replaced(torch.ones(4, dtype=torch.float64), 0).all()
 
 
 def test_lora_similarity_is_the_cosine_of_the_masked_products():
@@ -260,19 +260,19 @@ def test_lora_similarity_is_the_cosine_of_the_masked_products():
     ft = {f"{key}.lora_A.weight": a_ft, f"{key}.lora_B.weight": b_ft}
     ref = {f"{key}.lora_A.weight": a_ref, f"{key}.lora_B.weight": b_ref}
     mask_a, mask_b = torch.rand(2, 5) > 0.3, torch.rand(4, 2) > 0.3
-    region = merge.Region("neurons", masks={f"{key}.lora_A.weight": mask_a, f"{key}.lora_B.weight": mask_b})
-    assert merge.lora_module_names(ft) == [key]
-    (sim,) = merge.lora_update_similarities(ft, ref, [key], region)
+    region = regions.FusionRegion("neurons", masks={f"{key}.lora_A.weight": mask_a, f"{key}.lora_B.weight": mask_b})
+    assert nlsr.lora_module_names(ft) == [key]
+    (sim,) = nlsr.lora_update_similarities(ft, ref, [key], region)
     u = ((b_ft * mask_b) @ (a_ft * mask_a)).flatten().double()
     v = ((b_ref * mask_b) @ (a_ref * mask_a)).flatten().double()
     assert sim == pytest.approx(float(u @ v / (u.norm() * v.norm())), abs=1e-6)
-    similarity = merge.UpdateSimilarity()
+    similarity = nlsr.UpdateSimilarity()
     similarity.add(torch.zeros(3), torch.zeros(3))
     assert similarity.value() == 1.0
 
 
 def test_changed_fractions_per_layer():
-    overall, per_layer = merge.changed_fractions({
+    overall, per_layer = regions.changed_fractions({
         "model.layers.0.mlp.up_proj.weight": (3, 10), "model.layers.0.mlp.down_proj.weight": (1, 10),
         "model.layers.1.self_attn.q_proj.weight": (0, 5), "model.embed_tokens.weight": (5, 5)})
     assert per_layer == {0: 0.2, 1: 0.0} and overall == pytest.approx(9 / 30)
@@ -307,14 +307,14 @@ def test_streamed_fusion_equals_the_whole_tensor_fusion(three_models, tmp_path, 
     region = None
     if regioned:
         torch.manual_seed(5)
-        region = merge.Region("neurons", masks={"model.embed_tokens.weight": torch.rand(13, 3) > 0.5,
+        region = regions.FusionRegion("neurons", masks={"model.embed_tokens.weight": torch.rand(13, 3) > 0.5,
                                                 "model.layers.1.mlp.up_proj.weight": torch.rand(6, 4) > 0.5})
     plan = merge.FusionPlan(merge.get_merge_method(method), merge.MergeParams(density=0.3, scale=0.6), region)
     expected, expected_changed = merge.fuse_state_dicts(plan, base, ft, ref)
-    with merge.WeightFiles(ft_dir) as ft_files, merge.WeightFiles(ref_dir) as ref_files, \
-            merge.WeightFiles(base_dir) as base_files:
+    with streaming.WeightFiles(ft_dir) as ft_files, streaming.WeightFiles(ref_dir) as ref_files, \
+            streaming.WeightFiles(base_dir) as base_files:
         # 5 entries per chunk: the embedding goes through in rows of 1, the trim threshold stays whole-tensor.
-        changed = merge.stream_fusion(plan, merge.StreamInputs(ft_files, ref_files, base_files), tmp_path / "out",
+        changed = streaming.stream_fusion(plan, streaming.StreamInputs(ft_files, ref_files, base_files), tmp_path / "out",
                                       chunk_elements=5)
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert set(out) == set(ft)
@@ -326,9 +326,9 @@ def test_streamed_fusion_equals_the_whole_tensor_fusion(three_models, tmp_path, 
 def test_stream_writer_shards_and_writes_a_standard_file(three_models, tmp_path):
     (base, ft, ref), (base_dir, ft_dir, ref_dir) = three_models
     plan = merge.FusionPlan(merge.get_merge_method("average"))
-    with merge.WeightFiles(ft_dir) as ft_files, merge.WeightFiles(ref_dir) as ref_files, \
-            merge.WeightFiles(base_dir) as base_files:
-        merge.stream_fusion(plan, merge.StreamInputs(ft_files, ref_files, base_files), tmp_path / "out",
+    with streaming.WeightFiles(ft_dir) as ft_files, streaming.WeightFiles(ref_dir) as ref_files, \
+            streaming.WeightFiles(base_dir) as base_files:
+        streaming.stream_fusion(plan, streaming.StreamInputs(ft_files, ref_files, base_files), tmp_path / "out",
                             chunk_elements=7, max_shard_bytes=120)
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
@@ -337,7 +337,7 @@ def test_stream_writer_shards_and_writes_a_standard_file(three_models, tmp_path)
     for name, file in index["weight_map"].items():
         with safe_open(str(tmp_path / "out" / file), framework="pt") as handle:
             assert torch.allclose(handle.get_tensor(name), (ft[name] + ref[name]) / 2, atol=1e-6)
-    with merge.WeightFiles(tmp_path / "out") as reread:  # sharded input reads back like a single file
+    with streaming.WeightFiles(tmp_path / "out") as reread:  # sharded input reads back like a single file
         assert sorted(reread.names) == sorted(ft)
     raw = (tmp_path / "out" / files[0]).read_bytes()
     (header_size,) = struct.unpack("<Q", raw[:8])
@@ -350,19 +350,19 @@ def test_stream_refuses_inputs_of_another_shape(three_models, tmp_path):
     other["model.norm.weight"] = torch.randn(5)
     other_dir = _write_model(tmp_path / "other", other)
     plan = merge.FusionPlan(merge.get_merge_method("restore"))
-    with merge.WeightFiles(ft_dir) as ft_files, merge.WeightFiles(other_dir) as ref_files:
+    with streaming.WeightFiles(ft_dir) as ft_files, streaming.WeightFiles(other_dir) as ref_files:
         with pytest.raises(ValueError, match="model.norm.weight: shape"):
-            merge.stream_fusion(plan, merge.StreamInputs(ft_files, ref_files), tmp_path / "out")
+            streaming.stream_fusion(plan, streaming.StreamInputs(ft_files, ref_files), tmp_path / "out")
 
 
 def test_streamed_similarities_are_the_cosines_of_the_region_updates(three_models):
     (base, ft, ref), (base_dir, ft_dir, ref_dir) = three_models
     name = "model.embed_tokens.weight"
     mask = torch.rand(13, 3) > 0.5
-    region = merge.Region("neurons", masks={name: mask})
-    with merge.WeightFiles(ft_dir) as ft_files, merge.WeightFiles(ref_dir) as ref_files, \
-            merge.WeightFiles(base_dir) as base_files:
-        (sim,) = merge.stream_similarities([name], ft_files, ref_files, base_files, region, chunk_elements=4)
+    region = regions.FusionRegion("neurons", masks={name: mask})
+    with streaming.WeightFiles(ft_dir) as ft_files, streaming.WeightFiles(ref_dir) as ref_files, \
+            streaming.WeightFiles(base_dir) as base_files:
+        (sim,) = streaming.stream_similarities([name], ft_files, ref_files, base_files, region, chunk_elements=4)
     u = ((ft[name] - base[name]) * mask).flatten().double()
     v = ((ref[name] - base[name]) * mask).flatten().double()
     assert sim == pytest.approx(float(u @ v / (u.norm() * v.norm())), abs=1e-9)
@@ -378,8 +378,8 @@ def test_streamed_ties_breaks_magnitude_ties_like_the_whole_tensor(tmp_path):
     dirs = [_write_model(tmp_path / n, s) for n, s in (("base", base), ("ft", ft), ("ref", ref))]
     plan = merge.FusionPlan(merge.get_merge_method("ties"), merge.MergeParams(density=0.3))
     expected, _ = merge.fuse_state_dicts(plan, base, ft, ref)
-    with merge.WeightFiles(dirs[1]) as f, merge.WeightFiles(dirs[2]) as r, merge.WeightFiles(dirs[0]) as b:
-        merge.stream_fusion(plan, merge.StreamInputs(f, r, b), tmp_path / "out", chunk_elements=8)
+    with streaming.WeightFiles(dirs[1]) as f, streaming.WeightFiles(dirs[2]) as r, streaming.WeightFiles(dirs[0]) as b:
+        streaming.stream_fusion(plan, streaming.StreamInputs(f, r, b), tmp_path / "out", chunk_elements=8)
     assert torch.equal(load_file(str(tmp_path / "out" / "model.safetensors"))["w"], expected["w"])
     direct = _direct_ties([0.0] * 36, [ft["w"].flatten().tolist(), ref["w"].flatten().tolist()], (1.0, 1.0), 0.3, 1.0)
     assert torch.equal(expected["w"].flatten(), _t(direct))

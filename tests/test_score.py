@@ -253,15 +253,15 @@ def _hand_logged_align_run(tmp_path):
 def _broken_method(monkeypatch):
     """A registered method whose masks do not fit the model (one row short)."""
     def select(method, model, modules, safety, utility, settings):
-        region = neurons.Region("neurons")
+        region = neurons.Selection("neurons")
         for scored in modules:
             region.tensors[scored.key] = torch.zeros(scored.weight.shape[0] - 1, scored.weight.shape[1],
                                                      dtype=torch.bool)
             region.selected[scored.key], region.totals[scored.key] = 0, scored.weight.numel()
         return region
 
-    monkeypatch.setitem(neurons.METHODS, "broken", neurons.ScoreMethod(
-        "broken", "neurons", ("weights",), lambda settings: False, "wrong shapes", select))
+    broken = neurons.ScoreMethod("broken", "neurons", ("weights",), lambda settings: False, "wrong shapes", select)
+    monkeypatch.setattr(neurons.METHODS, "_entries", {**neurons.METHODS._entries, "broken": broken})
 
 
 @pytest.mark.parametrize(

@@ -486,7 +486,7 @@ class ScoreSettings:
 
 
 @dataclass
-class Region:
+class Selection:
     """What a method selected: bool masks (kind neurons) or output bases (kind ranks), and how much of each weight."""
 
     kind: str
@@ -510,7 +510,7 @@ class ScoreMethod:
     uses_utility: Callable[[ScoreSettings], bool]  # whether it needs utility calibration data with these settings
     summary: str
     select: Callable[["ScoreMethod", nn.Module, Sequence[ScoredModule], Sequence[CalibrationBatch],
-                      Sequence[CalibrationBatch], ScoreSettings], Region]
+                      Sequence[CalibrationBatch], ScoreSettings], Selection]
 
 
 class _HeadSums:
@@ -530,8 +530,8 @@ class _HeadSums:
 
 
 def _elementwise(score_name: str):
-    def select(method: ScoreMethod, model, modules, safety, utility, settings: ScoreSettings) -> Region:
-        region = Region("neurons")
+    def select(method: ScoreMethod, model, modules, safety, utility, settings: ScoreSettings) -> Selection:
+        region = Selection("neurons")
         heads = _HeadSums(settings.num_heads)
         storage = _MaskStorage(modules)
         scores = ELEMENTWISE_SCORES[score_name]
@@ -546,8 +546,8 @@ def _elementwise(score_name: str):
     return select
 
 
-def _set_difference(method: ScoreMethod, model, modules, safety, utility, settings: ScoreSettings) -> Region:
-    region = Region("neurons")
+def _set_difference(method: ScoreMethod, model, modules, safety, utility, settings: ScoreSettings) -> Selection:
+    region = Selection("neurons")
     heads = _HeadSums(settings.num_heads)
     storage = _MaskStorage(modules)  # the top-q safety masks wait there for the utility pass, not the scores
     scores = ELEMENTWISE_SCORES[settings.difference_score]
@@ -564,9 +564,9 @@ def _set_difference(method: ScoreMethod, model, modules, safety, utility, settin
     return region
 
 
-def _actsvd(method: ScoreMethod, model, modules, safety, utility, settings: ScoreSettings) -> Region:
+def _actsvd(method: ScoreMethod, model, modules, safety, utility, settings: ScoreSettings) -> Selection:
     """Bases of the safety (r_s) and utility (r_u) output directions; the region is their rank projection."""
-    region = Region("ranks")
+    region = Selection("ranks")
     safety_bases = {}
     for scored, gram in output_grams(model, modules, safety, settings.state_budget_bytes, f"{method.name} safety"):
         safety_bases[scored.key] = gram.top_directions(min(settings.safety_rank, min(scored.weight.shape))).cpu()
@@ -593,11 +593,11 @@ def projection_rank(safety_basis: torch.Tensor, utility_basis: torch.Tensor, tol
     return int((torch.linalg.svdvals(outside.double()) > tolerance).sum())
 
 
-def _lora_actsvd(method: ScoreMethod, model, modules, safety, utility, settings: ScoreSettings) -> Region:
+def _lora_actsvd(method: ScoreMethod, model, modules, safety, utility, settings: ScoreSettings) -> Selection:
     """Per LoRA matrix, W_low = U_k U_kᵀ W from its top output directions on safety data, and the top `sparsity`
     of |W_low|. Sequential (NLSR): layer by layer, each layer's matrices recorded in one pass over the model whose
     earlier layers were already replaced by their W_low, then replaced in turn; the originals come back at the end."""
-    region = Region("neurons")
+    region = Selection("neurons")
     storage = _MaskStorage(modules)
     layers = sorted({m.layer for m in modules}) if settings.lora_sequential else [None]
     originals: dict[str, torch.Tensor] = {}
@@ -642,7 +642,7 @@ class _MaskStorage:
         return self.views[key]
 
 
-def _keep(region: Region, scored: ScoredModule, mask: torch.Tensor) -> None:
+def _keep(region: Selection, scored: ScoredModule, mask: torch.Tensor) -> None:
     region.tensors[scored.key] = mask
     region.selected[scored.key] = int(mask.sum())
     region.totals[scored.key] = mask.numel()
@@ -685,7 +685,7 @@ def get_method(name: str) -> ScoreMethod:
 
 def score_region(method_name: str, model: nn.Module, modules: Sequence[ScoredModule],
                  safety: Sequence[CalibrationBatch], utility: Sequence[CalibrationBatch],
-                 settings: ScoreSettings) -> Region:
+                 settings: ScoreSettings) -> Selection:
     """Run one method over the calibration batches; the model's weights are left as they were."""
     method = get_method(method_name)
     if method.uses_utility(settings) and not utility:

@@ -18,7 +18,7 @@ NLSR's layer selection (`selection: adaptive | threshold`, for `restore`) measur
 and reference updates inside the region, both taken from the model they were trained from (the common start of
 their adapter chains, each without its own last adapter: the SFT model in the default chain, as in NLSR where both
 LoRAs sit on the SFT model; the base model when they share nothing), and draws the modules to transplant
-(`realign.ops.merge.replacement_probabilities`).
+(`realign.ops.nlsr.replacement_probabilities`).
 
 The run (`fuse/<method>/<granularity|full>`) holds the fused artifact, `changed_fraction` (entries that differ from
 the fine-tuned model) overall and `changed_fraction/layer_<i>`, the evaluation of the fused model (loaded fresh from
@@ -40,6 +40,9 @@ from realign.config import FuseConfig, ModelConfig, resolve_stage_config
 from realign.errors import RealignError
 from realign.ops import masks as region_files
 from realign.ops import merge as merge_ops
+from realign.ops import nlsr as nlsr_ops
+from realign.ops import regions as regions_ops
+from realign.ops import streaming as streaming_ops
 from realign.eval.judges import check_judge
 from realign.stages.evaluate import check_task, evaluate_and_log
 
@@ -78,7 +81,7 @@ class FuseInputs:
     reference_model_dir: Path | None  # reference output "model": its full weights
     mode: str  # "full" | "lora"
     granularity: str  # "" (no region) | neurons | ranks | heads
-    region: merge_ops.Region | None
+    region: regions_ops.FusionRegion | None
     region_target: str  # "weights" | "lora" | ""
     param_order: dict[str, int] = field(default_factory=dict)  # the model's parameter order (NLSR draws in it)
     selected_heads: list[tuple[str, int]] = field(default_factory=list)
@@ -215,8 +218,8 @@ def load_checked_region(cfg: FuseConfig, inputs: FuseInputs, config, param_shape
     if kind == "heads":
         check_head_scores(tensors, config, mask.run_id)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        head_masks, inputs.selected_heads = merge_ops.head_masks(tensors, cfg.top_heads, head_dim, param_shapes)
-        inputs.region = merge_ops.Region("heads", masks=head_masks)
+        head_masks, inputs.selected_heads = regions_ops.head_masks(tensors, cfg.top_heads, head_dim, param_shapes)
+        inputs.region = regions_ops.FusionRegion("heads", masks=head_masks)
         return
     shapes = param_shapes if target == "weights" else adapter_shapes(Path(inputs.finetuned.local_dir))
     try:
@@ -225,7 +228,7 @@ def load_checked_region(cfg: FuseConfig, inputs: FuseInputs, config, param_shape
         what = "the model" if target == "weights" else f"finetuned run {inputs.finetuned.run_id}'s adapter"
         raise RealignError(f"mask run {mask.run_id} does not fit {what}: {err}",
                            "pass a score run of the same model (and, for target=lora, of the same LoRA shape)") from None
-    inputs.region = merge_ops.region_from_file(tensors, kind)
+    inputs.region = regions_ops.region_from_file(tensors, kind)
 
 
 def check_head_scores(tensors: dict, config, run_id: str) -> None:
@@ -311,8 +314,8 @@ def fuse_lora(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun) -> Fu
     plan = merge_ops.FusionPlan(merge_ops.get_merge_method(cfg.method), merge_params(cfg), inputs.region)
     table = None
     if cfg.method == "restore" and cfg.selection != "all":
-        modules = sorted(merge_ops.lora_module_names(ft_state), key=lambda m: _model_position(inputs, m))
-        similarities = merge_ops.lora_update_similarities(ft_state, ref_state, modules, inputs.region)
+        modules = sorted(nlsr_ops.lora_module_names(ft_state), key=lambda m: _model_position(inputs, m))
+        similarities = nlsr_ops.lora_update_similarities(ft_state, ref_state, modules, inputs.region)
         table, chosen = _adaptive_selection(cfg, modules, similarities)
         plan.replaced = frozenset(f"{m}.lora_{part}.weight" for m in chosen for part in ("A", "B"))
     try:
@@ -337,18 +340,18 @@ def fuse_full(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun) -> Fu
     plan = merge_ops.FusionPlan(method, merge_params(cfg), inputs.region)
     out_dir = work / "fused" / "model"
     table = None
-    with merge_ops.WeightFiles(finetuned_dir) as ft_files, merge_ops.WeightFiles(reference_dir) as ref_files:
+    with streaming_ops.WeightFiles(finetuned_dir) as ft_files, streaming_ops.WeightFiles(reference_dir) as ref_files:
         if cfg.method == "restore" and cfg.selection != "all":
             anchor_dir = weights_dir(cfg.model, common_chain(inputs), work / "anchor")
             names = adaptive_candidates(inputs, ft_files.names)
-            with merge_ops.WeightFiles(anchor_dir) as anchor_files:
-                similarities = merge_ops.stream_similarities(names, ft_files, ref_files, anchor_files, inputs.region,
+            with streaming_ops.WeightFiles(anchor_dir) as anchor_files:
+                similarities = streaming_ops.stream_similarities(names, ft_files, ref_files, anchor_files, inputs.region,
                                                              progress=True)
             table, chosen = _adaptive_selection(cfg, names, similarities)
             plan.replaced = frozenset(chosen)
-        base_files = merge_ops.WeightFiles(base_dir) if base_dir is not None else None
+        base_files = streaming_ops.WeightFiles(base_dir) if base_dir is not None else None
         try:
-            changed = merge_ops.stream_fusion(plan, merge_ops.StreamInputs(ft_files, ref_files, base_files), out_dir,
+            changed = streaming_ops.stream_fusion(plan, streaming_ops.StreamInputs(ft_files, ref_files, base_files), out_dir,
                                               progress=True)
         except ValueError as err:
             raise RealignError(f"the finetuned and reference weights do not match: {err}",
@@ -400,7 +403,7 @@ def adaptive_candidates(inputs: FuseInputs, names: list[str]) -> list[str]:
         candidates = [name for name in names if inputs.region.covers(name)]
     else:
         layout = inputs.param_order
-        candidates = [name for name in names if merge_ops.layer_of(name) is not None and name.endswith(".weight")
+        candidates = [name for name in names if regions_ops.layer_of(name) is not None and name.endswith(".weight")
                       and name in layout and not name.endswith("layernorm.weight")]
     return sorted(candidates, key=lambda name: inputs.param_order.get(name, len(inputs.param_order)))
 
@@ -414,12 +417,12 @@ def _model_position(inputs: FuseInputs, lora_module: str) -> int:
 def _adaptive_selection(cfg: FuseConfig, modules: list[str], similarities: list[float]):
     """The modules restore transplants into: NLSR's seeded draw (adaptive) or its threshold rule (threshold)."""
     if cfg.selection == "threshold":
-        replaced = merge_ops.below_threshold(similarities, cfg.tau)
+        replaced = nlsr_ops.below_threshold(similarities, cfg.tau)
         probabilities = replaced.double()
     else:
-        probabilities = merge_ops.replacement_probabilities(similarities, cfg.prune_rate, cfg.epsilon,
+        probabilities = nlsr_ops.replacement_probabilities(similarities, cfg.prune_rate, cfg.epsilon,
                                                             prefer=cfg.prefer)
-        replaced = merge_ops.sample_replaced(probabilities, cfg.seed)
+        replaced = nlsr_ops.sample_replaced(probabilities, cfg.seed)
     table = {"module": list(modules), "similarity": [float(s) for s in similarities],
              "probability": [float(p) for p in probabilities], "replaced": [bool(r) for r in replaced]}
     return table, [m for m, r in zip(modules, replaced.tolist()) if r]
@@ -432,7 +435,7 @@ def _adaptive_selection(cfg: FuseConfig, modules: list[str], similarities: list[
 
 def log_changes(run: tracking.StageRun, result: FuseResult) -> None:
     """changed_fraction overall and per layer, its figure, and NLSR's per-module draw when there was one."""
-    overall, per_layer = merge_ops.changed_fractions(result.changed)
+    overall, per_layer = regions_ops.changed_fractions(result.changed)
     metrics = {"changed_fraction": overall, **{f"changed_fraction/layer_{i}": f for i, f in per_layer.items()}}
     if result.modules_table is not None:
         replaced = sum(result.modules_table["replaced"])

@@ -262,7 +262,7 @@ def check_region(tensors: dict, kind: str, modules: list[neurons.ScoredModule], 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def write_region(run: tracking.StageRun, method: str, region: neurons.Region, metadata: dict[str, str]) -> Path:
+def write_region(run: tracking.StageRun, method: str, region: neurons.Selection, metadata: dict[str, str]) -> Path:
     """masks/<method>.safetensors (+ masks/<method>.heads.safetensors) in the run; the local path of the first."""
     folder = run.workdir / "masks"
     path = masks.save_region(folder / f"{method}.safetensors", region.tensors, region.kind, metadata)
@@ -272,12 +272,12 @@ def write_region(run: tracking.StageRun, method: str, region: neurons.Region, me
     return path
 
 
-def selection_table(region: neurons.Region, modules: list[neurons.ScoredModule]) -> dict[tuple[int, str], float]:
+def selection_table(region: neurons.Selection, modules: list[neurons.ScoredModule]) -> dict[tuple[int, str], float]:
     """(layer, module kind) -> fraction selected (neurons: entries; ranks: ranks of min(d_out, d_in))."""
     return {(m.layer, m.kind): region.selected[m.key] / max(region.totals[m.key], 1) for m in modules}
 
 
-def log_selection(run: tracking.StageRun, region: neurons.Region, modules: list[neurons.ScoredModule]) -> None:
+def log_selection(run: tracking.StageRun, region: neurons.Selection, modules: list[neurons.ScoredModule]) -> None:
     """Selected fraction per layer, per module kind and overall, the count, and a layers × modules heat map."""
     import plotly.graph_objects as go
 
