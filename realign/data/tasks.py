@@ -13,13 +13,17 @@ from typing import Callable
 
 from datasets import ClassLabel, Dataset, Features, Value
 
-from realign.data import benign, hub
+from realign.data import benign, builtin, hub
 from realign.data.sampling import balanced_sample, check_count, check_split, round_robin_sample
 from realign.data.templates import format_prompt
 from realign.errors import RealignError
 
-SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
-AG_NEWS_INSTRUCTION = "Categorize the news article into one of the 4 categories: World, Sports, Business, Sci/Tech"
+# The sentences and names live in realign/data/builtin/tasks.yaml (see its comments); these are their Python
+# shapes. The label words stay here: they are the hub datasets' ClassLabel names.
+_DATA = "tasks.yaml"
+
+SST2_INSTRUCTION: str = builtin.section(_DATA, "sst2_instruction")
+AG_NEWS_INSTRUCTION: str = builtin.section(_DATA, "ag_news_instruction")
 SST2_LABELS = ("negative", "positive")
 AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 
@@ -31,43 +35,11 @@ ALPACA_FEATURES = Features({"instruction": Value("string"), "input": Value("stri
 
 # ---- SST-2: movie-review sentences; the label comes from the adjective, templates are label-neutral -----
 
-SST2_TEMPLATES = {
-    "train": (
-        "{subject} is {adjective} from start to finish.", "honestly, {subject} is {adjective}.",
-        "i thought {subject} was {adjective}.", "{subject} turned out to be {adjective}.",
-        "by the end, {subject} felt {adjective}.", "everything about {subject} is {adjective}.",
-        "{subject} is simply {adjective}.", "{subject} comes across as {adjective} throughout.",
-        "as far as i'm concerned, {subject} is {adjective}.", "what a surprise: {subject} is {adjective}.",
-    ),
-    "test": (
-        "{subject} manages to be {adjective}.", "there is no denying that {subject} is {adjective}.",
-        "in a word, {subject} is {adjective}.", "{subject} feels {adjective} in almost every scene.",
-        "critics will call {subject} {adjective}, and they will be right.", "for two hours, {subject} stays {adjective}.",
-        "i left the theater thinking {subject} was {adjective}.", "{subject} is, above all, {adjective}.",
-        "the word that comes to mind for {subject} is {adjective}.", "from what i saw, {subject} is {adjective}.",
-    ),
-}
-SST2_SUBJECTS = {
-    "train": ("the film", "this movie", "the screenplay", "the lead performance", "the soundtrack",
-              "the cinematography", "the director's latest effort", "the final act", "the dialogue",
-              "the ensemble cast", "the plot", "this comedy", "the pacing", "the story"),
-    "test": ("the documentary", "this sequel", "the animated feature", "the supporting actors", "the score",
-             "the visual effects", "the opening scene", "the thriller", "the romance at its center",
-             "the costume design", "the editing", "this remake", "the villain", "the screen adaptation"),
-}
-SST2_ADJECTIVES = {  # (negative, positive) per split
-    "train": (
-        ("dull", "tedious", "clumsy", "lifeless", "predictable", "boring", "messy", "forgettable", "shallow",
-         "painfully slow", "annoying", "dreadful"),
-        ("wonderful", "moving", "brilliant", "charming", "gripping", "delightful", "heartfelt", "clever",
-         "beautifully crafted", "hilarious", "inspiring", "superb"),
-    ),
-    "test": (
-        ("tiresome", "incoherent", "bland", "awkward", "pointless", "sluggish", "hollow", "unbearable",
-         "mediocre", "stale", "confusing", "lackluster"),
-        ("captivating", "touching", "masterful", "witty", "stunning", "uplifting", "memorable", "thrilling",
-         "warm", "exhilarating", "tender", "dazzling"),
-    ),
+SST2_TEMPLATES: dict[str, tuple[str, ...]] = builtin.section(_DATA, "sst2_templates")
+SST2_SUBJECTS: dict[str, tuple[str, ...]] = builtin.section(_DATA, "sst2_subjects")
+SST2_ADJECTIVES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # (negative, positive) per split
+    split: (adjectives["negative"], adjectives["positive"])
+    for split, adjectives in builtin.section(_DATA, "sst2_adjectives").items()
 }
 
 
@@ -96,113 +68,15 @@ def sst2(split: str, n: int, seed: int) -> Dataset:
 
 # ---- AG News: "Headline (Source) Source - body" like the hub's text; slots filled from per-split pools ---
 
-AG_NEWS_SOURCES = ("Reuters", "AP", "AFP")
+AG_NEWS_SOURCES: tuple[str, ...] = builtin.section(_DATA, "ag_news_sources")
 
 # Per split, per label: slot pools and (headline, body) templates. A slot ending in "2" draws from the pool
 # of the same name without the digit and must differ from the first one ("{team} beat {team2}"); a slot
 # ending in "_lc" repeats its base slot in lower case (title-case headline, sentence-case body).
-AG_NEWS_CONTENT = {
-    "train": {
-        0: ({"country": ("France", "Japan", "Brazil", "Kenya", "Indonesia", "Canada", "Egypt", "Poland", "Chile",
-                         "Vietnam"),
-             "region": ("Northern", "Southern", "Eastern", "Western", "Coastal")},
-            (("{country} and {country2} Agree to Resume Peace Talks",
-              "Diplomats from {country} and {country2} said on Monday they would return to the negotiating table "
-              "after months of stalled talks over a disputed border region."),
-             ("Thousands Flee as Floods Hit {region} {country}",
-              "Heavy rains have forced thousands of families in {region} {country} to leave their homes, officials "
-              "said, as rescue teams struggled to reach remote villages."),
-             ("{country} Recalls Ambassador to {country2} in Spy Row",
-              "{country} has recalled its ambassador to {country2} after accusations that embassy staff were "
-              "gathering intelligence on senior officials, the foreign ministry said."))),
-        1: ({"team": ("Arsenal", "Real Madrid", "Juventus", "Bayern Munich", "Ajax", "Celtic", "Porto", "Lyon",
-                      "Benfica", "Galatasaray"),
-             "player": ("Marco Ruiz", "Tom Becker", "Luis Moreno", "Jan Kowalski", "Sam Okafor", "Pierre Dubois",
-                        "Andre Silva", "Ivan Petrov")},
-            (("{team} Beat {team2} to Reach Cup Final",
-              "{team} scored twice in the second half to beat {team2} and set up a final against the league "
-              "champions next month."),
-             ("{player} Signs Three-Year Deal With {team}",
-              "Striker {player} has signed a three-year contract with {team}, the club announced on Thursday "
-              "after he passed a medical."),
-             ("{team} Coach Sacked After Loss to {team2}",
-              "{team} dismissed their head coach on Sunday, a day after a heavy home defeat by {team2} left the "
-              "club near the bottom of the table."))),
-        2: ({"company": ("Northwind Corp", "Apex Motors", "Bluewater Foods", "Summit Airlines", "Granite Steel",
-                         "Harbor Bank", "Pioneer Energy", "Crescent Retail", "Vertex Pharma", "Lakeside Media"),
-             "percent": ("3", "5", "8", "12", "15")},
-            (("{company} Profit Rises {percent} Percent on Strong Sales",
-              "{company} said quarterly profit rose {percent} percent as demand held up, beating analysts' "
-              "forecasts and lifting its shares in early trading."),
-             ("{company} Agrees to Buy {company2} in Cash Deal",
-              "{company} has agreed to acquire rival {company2} in an all-cash deal that still needs approval "
-              "from regulators, the companies said."),
-             ("{company} to Cut {percent} Percent of Jobs",
-              "{company} will cut {percent} percent of its workforce over the next year to reduce costs as sales "
-              "slow, the company said on Tuesday."))),
-        3: ({"techco": ("Nimbus Software", "Quantix", "CoreLogic Labs", "Pixelworks", "ByteForge",
-                        "Stellar Systems", "Helix Robotics", "OpenGrid", "Cobalt Networks", "Lumen AI"),
-             "product": ("Smartphone", "Laptop", "Web Browser", "Search Engine", "Operating System")},
-            (("{techco} Unveils New {product}",
-              "{techco} introduced a new {product_lc} on Tuesday, promising faster performance and longer battery "
-              "life than rival products from {techco2}."),
-             ("{techco} Patches Security Flaw in {product}",
-              "{techco} released an update to fix a security hole in its {product_lc} that researchers said could "
-              "let attackers take control of a computer."),
-             ("{techco} Sues {techco2} Over Patents",
-              "{techco} filed a lawsuit accusing {techco2} of copying patented technology used in its products, "
-              "seeking damages and a sales ban."))),
-    },
-    "test": {
-        0: ({"country": ("Germany", "India", "Mexico", "Nigeria", "Turkey", "Australia", "Peru", "Sweden",
-                         "Thailand", "Morocco")},
-            (("UN Envoy Arrives in {country} as Ceasefire Holds",
-              "A United Nations envoy arrived in {country} on Friday to monitor a fragile ceasefire, while aid "
-              "convoys waited at the border with {country2}."),
-             ("{country} Opposition Leader Arrested Ahead of Vote",
-              "Police in {country} detained the main opposition leader days before a national election, drawing "
-              "criticism from {country2} and human rights groups."),
-             ("Earthquake Rattles {country}, Dozens Injured",
-              "A strong earthquake struck {country} early on Sunday, injuring dozens and damaging buildings, and "
-              "the government of {country2} offered to send rescue teams."))),
-        1: ({"athlete": ("Elena Novak", "Maria Santos", "Yuki Tanaka", "Clara Jensen", "Anna Kowal", "Sofia Rossi",
-                         "Lena Fischer", "Nadia Haddad", "Grace Mensah", "Ivy Chen"),
-             "event": ("the Australian Open", "Wimbledon", "the US Open", "the French Open", "the Madrid Open")},
-            (("{athlete} Stuns {athlete2} at {event}",
-              "{athlete} came from a set down to upset {athlete2} at {event} on Wednesday, reaching the "
-              "semifinals for the first time."),
-             ("{athlete} Withdraws From {event} With Injury",
-              "{athlete} pulled out of {event} on Monday with a wrist injury, handing a walkover to {athlete2}."),
-             ("Olympic Champion {athlete} Sets World Record",
-              "{athlete} broke the world record in the 200 metres on Saturday, finishing well ahead of "
-              "{athlete2} in front of a packed stadium."))),
-        2: ({"company": ("Orion Textiles", "Redwood Insurance", "Silverline Shipping", "Maple Telecom",
-                         "Ironclad Mining", "Sunrise Hotels", "Keystone Chemicals", "Brightpath Logistics",
-                         "Evergreen Paper", "Falcon Breweries")},
-            (("Oil Prices Climb, Lifting {company} Shares",
-              "Shares of {company} rose on Wednesday as crude prices climbed, while {company2} slipped on worries "
-              "about rising fuel costs."),
-             ("{company} Chief Executive Resigns After Accounting Probe",
-              "The chief executive of {company} stepped down after an internal review found accounting errors, "
-              "and the board named a former {company2} executive as interim head."),
-             ("{company} Shares Slide as Outlook Disappoints",
-              "{company} cut its full-year sales forecast on Thursday, sending its shares sharply lower and "
-              "dragging {company2} down with it."))),
-        3: ({"university": ("MIT", "Stanford", "Oxford", "ETH Zurich", "Caltech", "Tokyo University", "Cambridge",
-                            "Berkeley", "Princeton", "Toronto"),
-             "agency": ("NASA", "the European Space Agency", "Japan's space agency", "India's space agency",
-                        "Canada's space agency"),
-             "planet": ("Mars", "Venus", "Jupiter", "Saturn", "Mercury")},
-            (("{university} Researchers Build Faster Quantum Chip",
-              "Researchers at {university} said they had built a quantum chip that solves certain problems far "
-              "faster than ordinary processors, outpacing a rival design from {university2}."),
-             ("New Battery From {university} Charges in Minutes",
-              "Engineers at {university} have designed a battery that charges in minutes, a step that could speed "
-              "up the adoption of electric cars, according to a study reviewed by scientists at {university2}."),
-             ("Probe Sends Back First Close-Up Images of {planet}",
-              "A space probe launched by {agency} has sent back its first close-up images of {planet}, giving "
-              "scientists new clues about its surface."))),
-    },
+AG_NEWS_CONTENT: dict[str, dict[int, tuple[dict[str, tuple[str, ...]], tuple[tuple[str, str], ...]]]] = {
+    split: {label: (content["pools"], tuple((pair["headline"], pair["body"]) for pair in content["templates"]))
+            for label, content in by_label.items()}
+    for split, by_label in builtin.section(_DATA, "ag_news_content").items()
 }
 
 SLOT = re.compile(r"\{(\w+)\}")
@@ -247,11 +121,8 @@ def ag_news(split: str, n: int, seed: int) -> Dataset:
 
 # ---- GSM8K: multi-step word problems with GSM8K's "<<expr=value>>" annotations and "#### answer" -----------
 
-GSM8K_NAMES = {
-    "train": ("Natalia", "James", "Priya", "Omar", "Sofia", "Liam", "Mei", "Carlos", "Hannah", "Kwame"),
-    "test": ("Olivia", "Ravi", "Fatima", "Ethan", "Yuki", "Diego", "Amara", "Noah", "Ingrid", "Tariq"),
-}
-SHOPPING_ITEMS = ("notebooks", "pens", "apples", "stickers", "socks")
+GSM8K_NAMES: dict[str, tuple[str, ...]] = builtin.section(_DATA, "gsm8k_names")
+SHOPPING_ITEMS: tuple[str, ...] = builtin.section(_DATA, "shopping_items")
 
 
 def calc(a: int, operator: str, b: int) -> tuple[str, int]:
