@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from realign import tracking
 from realign.cli import main
 from realign.errors import RealignError
+from realign.stages.align import run_align
 from realign.stages.pipeline import check_cells, load_experiment, run_pipeline
 
 TINY_TRAIN = {"train.max_steps": 2, "train.per_device_train_batch_size": 4, "train.max_length": 96,
@@ -202,3 +203,27 @@ def test_nlsr_smollm2_experiment_runs_the_faithful_chain_on_the_tiny_model(track
         assert mlflow.get_run(restore_id).data.params["fuse.mode"] == "full"
     expo = mlflow.get_run(steps["expo"][0])
     assert expo.data.params["form"] == "seed"
+
+
+def test_reuse_is_decided_on_the_inputs_that_would_be_used_now(tracking_store, tmp_path):
+    """An expo step with an empty aligned_run means "the newest DPO run": after a newer one exists, the old expo
+    run (made from the older DPO run) is not reused; a dpo step with sft_run: auto is reused when nothing changed."""
+    quiet = {**TINY_TRAIN, "data.num_examples": 16, **NO_EVAL}
+    chain = {"experiment": "pipe", "model": "tiny", "steps": {
+        "dpo": {"stage": "align", "method": "dpo", "sft_run": "auto", **quiet},
+        "expo": {"stage": "expo", "alpha": "0.5", **NO_EVAL},
+    }}
+    path = _write(tmp_path, chain)
+    first = _steps(run_pipeline({"name": path}))
+    assert not first["dpo"][1] and not first["expo"][1]
+    second = _steps(run_pipeline({"name": path}))
+    assert second["dpo"] == (first["dpo"][0], True), "sft_run: auto resolves to the same SFT run: reused"
+    assert second["expo"] == (first["expo"][0], True)
+
+    sft = mlflow.get_run(first["dpo"][0]).data.tags["realign.source.sft"]
+    newer = run_align({"model": "tiny", "method": "dpo", "sft_run": sft, "experiment": "pipe", "seed": "1",
+                       **{k: str(v) for k, v in quiet.items()}})
+    third = _steps(run_pipeline({"name": path}))
+    assert third["expo"][1] is False, "the expo made from the older DPO run is stale"
+    assert mlflow.get_run(third["expo"][0]).data.tags["realign.source.aligned"] == newer
+    assert mlflow.get_run(third["expo"][0]).data.params["aligned_run"] == newer, "the id used is what is logged"

@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 from realign import data, distributed, models, tracking
 from realign.config import AlignConfig, resolve_stage_config
-from realign.errors import RealignError
 from realign.registry import Registry
+from realign.stages.base import Input, Stage, inherited_overrides, newest_or_train, register, run_stage
 from realign.stages.common import plan_checkpoints, train_lora, trainer_arguments
 from realign.eval.judges import check_judge
 from realign.stages.evaluate import evaluate_and_log
@@ -89,61 +89,55 @@ def resolve_align_config(overrides: dict[str, Any]) -> AlignConfig:
     return cfg
 
 
-def _start_from_sft_run(overrides: dict[str, Any]) -> dict[str, Any]:
-    """Turn `sft_run: auto` into a run id: the newest finished align/sft run of the base model, else a new one."""
-    try:
-        cfg = resolve_align_config(overrides)
-    except RealignError:
-        return overrides  # the stage run below reports it, and is marked FAILED
-    if cfg.sft_run != "auto":
-        return overrides
-    tracking.open_store()
-    sft_id = tracking.latest_run("align", cfg.model.name, "sft", experiment=cfg.experiment)
-    if sft_id is None:
-        # The SFT run gets the caller's model and seed; its budget comes from conf/align/sft.yaml.
-        keep = {k: v for k, v in overrides.items() if k in ("model", "experiment", "seed") or k.startswith("model.")}
-        sft_id = run_align({**keep, "method": "sft", "recipe": "sft"}, new_run=True)
-    return {**overrides, "sft_run": sft_id}
+def _train_sft(cfg: AlignConfig) -> str:
+    """The SFT run a preference method starts from, trained first when there is none (its budget comes from
+    conf/align/sft.yaml; the model and seed from the caller)."""
+    return run_align({**inherited_overrides(cfg), "method": "sft", "recipe": "sft"}, new_run=True)
+
+
+def align_body(run: tracking.StageRun, cfg: AlignConfig) -> None:
+    """Train one alignment adapter (on the merged SFT model when sft_run names one), evaluate it, log it."""
+    method = get_align_method(cfg.method)
+    run.set_name(f"align/{cfg.method}")
+    run.set_tags({tracking.TAG_METHOD: cfg.method})
+
+    # Inputs first, so a bad run id fails in seconds, not after loading models.
+    base_adapters: list[str] = []
+    adapter_base_ids: list[str] = []
+    if cfg.sft_run not in ("", "none"):
+        sft = run.resolve_input(cfg.sft_run, "sft", ("align",), cfg.model.name, methods=("sft",))
+        base_adapters = run.adapter_chain(sft)
+        adapter_base_ids = [*sft.adapter_base, sft.run_id]
+    run.set_tags({tracking.TAG_ADAPTER_BASE: ",".join(adapter_base_ids)})
+    models.resolve_model_dir(cfg.model)  # a missing model path fails here, before data and training
+
+    train_set = data.alignment_dataset(method.data_format, cfg.data.num_examples, cfg.data.seed,
+                                       benign_fraction=cfg.data.benign_fraction, source=cfg.data.source)
+    run.log_dataset(train_set, name=f"align-{method.data_format}-{cfg.data.source}", context="training",
+                    hub_path=None if cfg.data.source == "builtin" else cfg.data.source)
+
+    # One merged copy, written by the main process; the others of an accelerate launch read it (one machine,
+    # or a workdir on a shared filesystem).
+    start_dir = distributed.agree(
+        lambda: models.materialize_merged(cfg.model, base_adapters, run.workdir / "start"))
+    adapter_dir = train_adapter(cfg, method, start_dir, train_set, run)
+
+    if cfg.eval.enabled and run.is_main:  # under accelerate launch, one process evaluates
+        evaluate_and_log(run, cfg.model, [*base_adapters, str(adapter_dir)], cfg.eval)
+    run.log_adapter(adapter_dir)
+
+
+ALIGN = register(Stage(
+    "align", resolve_align_config, align_body,
+    inputs=(Input("sft_run", "sft", ("align",), default=newest_or_train("align", lambda cfg: "sft", _train_sft),
+                  default_on=("auto",), absent=("", "none"), trains=True),),
+    summary="Train a safety-alignment LoRA adapter with TRL (SFT, DPO, ORPO, KTO, SimPO).",
+))
 
 
 def run_align(overrides: dict[str, Any], new_run: bool = False) -> str:
     """Train one alignment adapter; returns the run id."""
-    overrides = _start_from_sft_run(overrides)
-    experiment = str(overrides.get("experiment") or "")
-    with tracking.stage_run("align", experiment=experiment, new_run=new_run) as run:
-        cfg = resolve_align_config(overrides)
-        method = get_align_method(cfg.method)
-        run.set_name(f"align/{cfg.method}")
-        run.set_tags({tracking.TAG_METHOD: cfg.method, tracking.TAG_BASE_MODEL: cfg.model.name})
-        run.log_config(cfg)
-
-        # Inputs first, so a bad run id fails in seconds, not after loading models.
-        base_adapters: list[str] = []
-        adapter_base_ids: list[str] = []
-        if cfg.sft_run not in ("", "none"):
-            sft = run.resolve_input(cfg.sft_run, "sft", ("align",), cfg.model.name, methods=("sft",))
-            base_adapters = run.adapter_chain(sft)
-            adapter_base_ids = [*sft.adapter_base, sft.run_id]
-        run.set_tags({tracking.TAG_ADAPTER_BASE: ",".join(adapter_base_ids)})
-        models.resolve_model_dir(cfg.model)  # a missing model path fails here, before data and training
-
-        train_set = data.alignment_dataset(method.data_format, cfg.data.num_examples, cfg.data.seed,
-                                           benign_fraction=cfg.data.benign_fraction, source=cfg.data.source)
-        run.log_dataset(train_set, name=f"align-{method.data_format}-{cfg.data.source}", context="training",
-                        hub_path=None if cfg.data.source == "builtin" else cfg.data.source)
-
-        # One merged copy, written by the main process; the others of an accelerate launch read it (one machine,
-        # or a workdir on a shared filesystem).
-        start_dir = distributed.agree(
-            lambda: models.materialize_merged(cfg.model, base_adapters, run.workdir / "start"))
-        adapter_dir = train_adapter(cfg, method, start_dir, train_set, run)
-
-        if cfg.eval.enabled and run.is_main:  # under accelerate launch, one process evaluates
-            evaluate_and_log(run, cfg.model, [*base_adapters, str(adapter_dir)], cfg.eval)
-
-        run.log_adapter(adapter_dir)
-        run.mark_complete()
-        return run.run_id
+    return run_stage(ALIGN, overrides, new_run=new_run)
 
 
 def train_adapter(cfg: AlignConfig, method: AlignMethod, start_dir: str, train_set, run: tracking.StageRun):

@@ -14,6 +14,7 @@ from typing import Any
 from realign import data, distributed, models, tracking
 from realign.config import AttackConfig, resolve_stage_config
 from realign.errors import RealignError
+from realign.stages.base import Input, Stage, inherited_overrides, newest_or_train, register, run_stage
 from realign.stages.common import plan_checkpoints, train_lora, trainer_arguments
 from realign.eval.judges import check_judge
 from realign.stages.evaluate import check_task, evaluate_and_log
@@ -36,62 +37,57 @@ def attack_run_name(cfg: AttackConfig, source_method: str) -> str:
     return f"attack/{source_method}/{cfg.task}/p{cfg.ratio:g}/n{cfg.size}"
 
 
-def _source_run(overrides: dict[str, Any]) -> dict[str, Any]:
-    """An empty source_run becomes the newest finished align/<method> run of the base model, trained if none."""
-    try:
-        cfg = resolve_attack_config(overrides)
-    except RealignError:
-        return overrides  # reported by the stage run below, which is marked FAILED
-    if cfg.source_run:
-        return overrides
-    tracking.open_store()
-    source = tracking.latest_run("align", cfg.model.name, cfg.method, experiment=cfg.experiment)
-    if source is None:
-        from realign.stages.align import run_align
+def _train_source(cfg: AttackConfig) -> str:
+    """The aligned run an attack starts from, trained first (with its SFT run) when there is none."""
+    from realign.stages.align import run_align
 
-        keep = {k: v for k, v in overrides.items() if k in ("model", "experiment", "seed") or k.startswith("model.")}
-        source = run_align({**keep, "method": cfg.method, "sft_run": "auto"}, new_run=True)
-    return {**overrides, "source_run": source}
+    return run_align({**inherited_overrides(cfg), "method": cfg.method, "sft_run": "auto"}, new_run=True)
+
+
+def attack_body(run: tracking.StageRun, cfg: AttackConfig) -> None:
+    """Fine-tune an aligned model on task + harmful data, evaluate it, log the attacked adapter."""
+    run.set_tags({tracking.TAG_TASK: cfg.task})
+    # The mixture first: a ratio or size it cannot satisfy fails before any model is loaded.
+    train_set, counts = data.mix_attack_dataset(cfg.task, cfg.size, cfg.ratio, cfg.seed,
+                                                harmful_source=cfg.data.harmful_source,
+                                                task_source=cfg.data.task_source)
+    source = run.resolve_input(cfg.source_run, "aligned", SOURCE_STAGES, cfg.model.name,
+                               artifact=None if cfg.adapter == "continue" else "adapter")
+    if cfg.adapter == "continue":
+        check_continuable(cfg, source, run)
+    run.set_name(attack_run_name(cfg, source.method))
+    # A continued adapter sits where its source's did; a new one on top of the source's whole chain.
+    adapter_base = source.adapter_base if cfg.adapter == "continue" else [*source.adapter_base, source.run_id]
+    run.set_tags({tracking.TAG_METHOD: source.method, tracking.TAG_ADAPTER_BASE: ",".join(adapter_base),
+                  **({tracking.TAG_ADAPTER_INIT: source.run_id} if cfg.adapter == "continue" else {})})
+    run.log_params({"mix.harmful": counts["harmful"], "mix.task": counts["task"], "mix.total": counts["total"]})
+    run.log_dataset(train_set, name=f"attack-{cfg.task}-p{cfg.ratio:g}-n{cfg.size}", context="training")
+
+    source_chain = run.adapter_chain(source)
+    start_chain = source_chain[:-1] if cfg.adapter == "continue" else source_chain
+    # One merged copy, written by the main process; the others of an accelerate launch read it.
+    start_dir = distributed.agree(lambda: models.materialize_merged(cfg.model, start_chain,
+                                                                    run.workdir / "aligned"))
+    init = source_chain[-1] if cfg.adapter == "continue" else None
+    adapter_dir = train_attack_adapter(cfg, start_dir, train_set, run, init_adapter=init)
+
+    if cfg.eval.enabled and run.is_main:  # under accelerate launch, one process evaluates
+        evaluate_and_log(run, cfg.model, [*start_chain, str(adapter_dir)], cfg.eval,
+                         task=cfg.eval.task or cfg.task)
+    run.log_adapter(adapter_dir)
+
+
+ATTACK = register(Stage(
+    "attack", resolve_attack_config, attack_body,
+    inputs=(Input("source_run", "aligned", SOURCE_STAGES,
+                  default=newest_or_train("align", lambda cfg: cfg.method, _train_source), trains=True),),
+    summary="Harmful fine-tuning: a task mixed with harmful data, then harmful score and fine-tune accuracy.",
+))
 
 
 def run_attack(overrides: dict[str, Any]) -> str:
     """Fine-tune an aligned model on task + harmful data; returns the attack run's id."""
-    overrides = _source_run(overrides)
-    experiment = str(overrides.get("experiment") or "")
-    with tracking.stage_run("attack", experiment=experiment) as run:
-        cfg = resolve_attack_config(overrides)
-        run.set_tags({tracking.TAG_BASE_MODEL: cfg.model.name, tracking.TAG_TASK: cfg.task})
-        run.log_config(cfg)
-        # The mixture first: a ratio or size it cannot satisfy fails before any model is loaded.
-        train_set, counts = data.mix_attack_dataset(cfg.task, cfg.size, cfg.ratio, cfg.seed,
-                                                    harmful_source=cfg.data.harmful_source,
-                                                    task_source=cfg.data.task_source)
-        source = run.resolve_input(cfg.source_run, "aligned", SOURCE_STAGES, cfg.model.name,
-                                   artifact=None if cfg.adapter == "continue" else "adapter")
-        if cfg.adapter == "continue":
-            check_continuable(cfg, source, run)
-        run.set_name(attack_run_name(cfg, source.method))
-        # A continued adapter sits where its source's did; a new one on top of the source's whole chain.
-        adapter_base = source.adapter_base if cfg.adapter == "continue" else [*source.adapter_base, source.run_id]
-        run.set_tags({tracking.TAG_METHOD: source.method, tracking.TAG_ADAPTER_BASE: ",".join(adapter_base),
-                      **({tracking.TAG_ADAPTER_INIT: source.run_id} if cfg.adapter == "continue" else {})})
-        run.log_params({"mix.harmful": counts["harmful"], "mix.task": counts["task"], "mix.total": counts["total"]})
-        run.log_dataset(train_set, name=f"attack-{cfg.task}-p{cfg.ratio:g}-n{cfg.size}", context="training")
-
-        source_chain = run.adapter_chain(source)
-        start_chain = source_chain[:-1] if cfg.adapter == "continue" else source_chain
-        # One merged copy, written by the main process; the others of an accelerate launch read it.
-        start_dir = distributed.agree(lambda: models.materialize_merged(cfg.model, start_chain,
-                                                                        run.workdir / "aligned"))
-        init = source_chain[-1] if cfg.adapter == "continue" else None
-        adapter_dir = train_attack_adapter(cfg, start_dir, train_set, run, init_adapter=init)
-
-        if cfg.eval.enabled and run.is_main:  # under accelerate launch, one process evaluates
-            evaluate_and_log(run, cfg.model, [*start_chain, str(adapter_dir)], cfg.eval,
-                             task=cfg.eval.task or cfg.task)
-        run.log_adapter(adapter_dir)
-        run.mark_complete()
-        return run.run_id
+    return run_stage(ATTACK, overrides)
 
 
 def check_continuable(cfg: AttackConfig, source: tracking.InputRun, run: tracking.StageRun) -> None:

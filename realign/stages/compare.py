@@ -19,6 +19,7 @@ from typing import Any
 from realign import dashboards, tracking
 from realign.config import CompareConfig, from_dict, set_dotted
 from realign.errors import RealignError
+from realign.stages.base import Stage, register, run_stage
 
 COMPLETE_RUNS = f"attributes.status = 'FINISHED' and tags.`{tracking.TAG_COMPLETE}` = 'true'"
 
@@ -128,34 +129,44 @@ def write_outputs(report: dashboards.Report, folder: Path, title: str) -> dict[s
     return files
 
 
-def run_compare(overrides: dict[str, Any]) -> str:
-    """Compare an experiment's finished runs; prints the markdown tables, returns the compare run's id."""
-    cfg = resolve_compare_config(overrides)
-    # Searched before the compare run opens: nothing to compare leaves no empty run behind.
+def _prepare(cfg: CompareConfig) -> tuple[dashboards.Report, str]:
+    """The report (searched before the compare run opens), with its markdown printed."""
     report = build_report(cfg)
     title = f"realign compare: experiment {experiment_label(cfg)}"
     print(dashboards.report_markdown(report, title), flush=True)
+    return report, title
 
-    with tracking.stage_run("compare", experiment=cfg.experiment, run_name="compare") as run:
-        run.log_config(cfg)
-        models = sorted(set(report.runs["base_model"]) - {""})
-        if len(models) == 1:
-            run.set_tags({tracking.TAG_BASE_MODEL: models[0]})
-        run.log_metrics({"runs_compared": report.run_count})
-        files = write_outputs(report, run.workdir / "report", title)
-        for path in files["tables"]:
-            run.log_file(path, "tables")
-        # The figures once as HTML (the dashboard, plotly.js embedded once) and each as plotly JSON
-        # (plotly.io.read_json): an HTML file per figure would embed the 5 MB plotly.js every time.
-        figures_dir = run.workdir / "report" / "figures"
-        figures_dir.mkdir(parents=True, exist_ok=True)
-        for chart in report.charts:
-            if chart.figure is not None:
-                chart.figure.write_json(str(figures_dir / f"{chart.name}.json"))
-                run.log_file(figures_dir / f"{chart.name}.json", "figures")
-        run.log_file(files["dashboard"][0])
-        if cfg.out:
-            local = write_outputs(report, Path(cfg.out), title)
-            print(f"dashboard: {local['dashboard'][0].resolve()}", file=sys.stderr)
-        run.mark_complete()
-        return run.run_id
+
+def compare_body(run: tracking.StageRun, cfg: CompareConfig, prepared: tuple[dashboards.Report, str]) -> None:
+    """Log the report: tables, figures (plotly JSON), the dashboard; and write them to `out` when given."""
+    report, title = prepared
+    models = sorted(set(report.runs["base_model"]) - {""})
+    if len(models) == 1:
+        run.set_tags({tracking.TAG_BASE_MODEL: models[0]})
+    run.log_metrics({"runs_compared": report.run_count})
+    files = write_outputs(report, run.workdir / "report", title)
+    for path in files["tables"]:
+        run.log_file(path, "tables")
+    # The figures once as HTML (the dashboard, plotly.js embedded once) and each as plotly JSON
+    # (plotly.io.read_json): an HTML file per figure would embed the 5 MB plotly.js every time.
+    figures_dir = run.workdir / "report" / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    for chart in report.charts:
+        if chart.figure is not None:
+            chart.figure.write_json(str(figures_dir / f"{chart.name}.json"))
+            run.log_file(figures_dir / f"{chart.name}.json", "figures")
+    run.log_file(files["dashboard"][0])
+    if cfg.out:
+        local = write_outputs(report, Path(cfg.out), title)
+        print(f"dashboard: {local['dashboard'][0].resolve()}", file=sys.stderr)
+
+
+COMPARE = register(Stage(
+    "compare", resolve_compare_config, compare_body, reusable=False, prepare=_prepare, run_name="compare",
+    summary="The seed's tables (markdown on stdout, CSV) and plotly dashboards from an experiment's runs.",
+))
+
+
+def run_compare(overrides: dict[str, Any]) -> str:
+    """Compare an experiment's finished runs; prints the markdown tables, returns the compare run's id."""
+    return run_stage(COMPARE, overrides)

@@ -18,6 +18,7 @@ from realign import data, models, tracking
 from realign.config import EvalSettings, EvaluateConfig, resolve_stage_config
 from realign.errors import RealignError
 from realign.eval.judges import check_judge
+from realign.stages.base import Input, Stage, register, run_stage
 
 # Enough new tokens for each task's answer: a label word, or a worked solution for GSM8K.
 TASK_MAX_NEW_TOKENS = {"sst2": 8, "ag_news": 8, "gsm8k": 192, "alpaca": 96}
@@ -168,29 +169,35 @@ def resolve_evaluate_config(overrides: dict[str, Any]) -> EvaluateConfig:
     return cfg
 
 
+def evaluate_body(run: tracking.StageRun, cfg: EvaluateConfig) -> None:
+    """Evaluate the base model or a run's model; copy the numbers onto the evaluated run."""
+    target = None
+    model_cfg, adapters = cfg.model, []
+    if cfg.run not in ("", "base"):
+        target = run.resolve_input(cfg.run, "model", EVALUATED_STAGES, cfg.model.name, artifact=None)
+        model_cfg, adapters = run.model_of(target, cfg.model)
+        name = target.tags.get("mlflow.runName", target.run_id)
+    else:
+        name = "base"
+    task = cfg.eval.task or (target.tags.get(tracking.TAG_TASK, "") if target else "")
+    run.set_name(f"evaluate/{name}")
+    run.set_tags({tracking.TAG_METHOD: cfg.eval.judge})
+    result = evaluate_and_log(run, model_cfg, adapters, cfg.eval, task=task)
+    if target is not None:
+        tracking.copy_evaluation(target.run_id, result.metrics, result.identity)
+
+
+EVALUATE = register(Stage(
+    "evaluate", resolve_evaluate_config, evaluate_body,
+    inputs=(Input("run", "model", EVALUATED_STAGES, absent=("", "base")),),
+    summary="Harmful score (judged), refusal rate and fine-tune accuracy of a run's model, or of the base.",
+    shortcuts={"judge": "eval.judge", "judge_path": "eval.judge_path", "task": "eval.task"},
+))
+
+
 def run_evaluate(overrides: dict[str, Any]) -> str:
     """Evaluate the base model or a run's adapter in an `evaluate` run; returns that run's id."""
-    experiment = str(overrides.get("experiment") or "")
-    with tracking.stage_run("evaluate", experiment=experiment) as run:
-        cfg = resolve_evaluate_config(overrides)
-        run.set_tags({tracking.TAG_BASE_MODEL: cfg.model.name})
-        run.log_config(cfg)
-        target = None
-        model_cfg, adapters = cfg.model, []
-        if cfg.run not in ("", "base"):
-            target = run.resolve_input(cfg.run, "model", EVALUATED_STAGES, cfg.model.name, artifact=None)
-            model_cfg, adapters = run.model_of(target, cfg.model)
-            name = target.tags.get("mlflow.runName", target.run_id)
-        else:
-            name = "base"
-        task = cfg.eval.task or (target.tags.get(tracking.TAG_TASK, "") if target else "")
-        run.set_name(f"evaluate/{name}")
-        run.set_tags({tracking.TAG_METHOD: cfg.eval.judge})
-        result = evaluate_and_log(run, model_cfg, adapters, cfg.eval, task=task)
-        if target is not None:
-            tracking.copy_evaluation(target.run_id, result.metrics, result.identity)
-        run.mark_complete()
-        return run.run_id
+    return run_stage(EVALUATE, overrides)
 
 
 def check_task(task: str) -> None:

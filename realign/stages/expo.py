@@ -28,6 +28,7 @@ from realign.errors import RealignError
 from realign.ops import expo as expo_ops
 from realign.stages.align import ALIGN_METHODS, get_align_method
 from realign.eval.judges import check_judge
+from realign.stages.base import Input, Stage, newest_or_fail, register, run_stage
 from realign.stages.evaluate import check_task, evaluate_and_log
 
 PREFERENCE_METHODS = tuple(name for name in ALIGN_METHODS if name != "sft")
@@ -64,48 +65,76 @@ class ExpoInputs:
                 tracking.TAG_METHOD: self.aligned.method}
 
 
+def expo_body(run: tracking.StageRun, cfg: ExpoConfig) -> None:
+    """Extrapolate the aligned run from the SFT run for one α (this run) or several (one child run per α)."""
+    alphas = cfg.alphas()
+    inputs = resolve_inputs(cfg, run)
+    run.set_tags(inputs.lineage_tags)
+    method = inputs.aligned.method
+    load_weights(cfg, inputs)  # the heavy part starts only now, after every check passed
+
+    if len(alphas) == 1:
+        run.set_name(expo_run_name(method, alphas[0]))
+        extrapolate_and_log(run, cfg, inputs, alphas[0])
+        return
+
+    run.set_name(f"expo/{method}/sweep")
+    run.set_tags({tracking.TAG_SWEEP: "alpha"})
+    sweep: dict[str, list] = {"alpha": [], "run_id": []}
+    for alpha in alphas:
+        with tracking.child_run(run, expo_run_name(method, alpha)) as child:
+            child.set_tags({tracking.TAG_BASE_MODEL: cfg.model.name, **inputs.lineage_tags})
+            child.log_config(dataclasses.replace(cfg, alpha=f"{alpha:g}"))
+            metrics = extrapolate_and_log(child, cfg, inputs, alpha)
+            child.mark_complete()
+        sweep["alpha"].append(alpha)
+        sweep["run_id"].append(child.run_id)
+        for key, value in metrics.items():
+            sweep.setdefault(key, []).append(value)
+    # One table with every α's numbers, next to the child runs the UI charts.
+    run.log_table(sweep, "expo/sweep.json")
+
+
+def _default_sft_run(cfg: ExpoConfig, train: bool) -> str:
+    """The align/sft run the aligned adapter was trained on, else the newest align/sft run of the base model.
+
+    Its own SFT parent first: extrapolating through a DPO model from an SFT model it never started from would
+    mix two unrelated updates, and a newer SFT run is not a better reason to do so.
+    """
+    aligned = tracking.resolve_run(cfg.aligned_run, "aligned", ("align",), cfg.model.name, PREFERENCE_METHODS)
+    if aligned.adapter_base:
+        try:
+            parent = tracking.resolve_run(aligned.adapter_base[-1], "sft", ("align",), cfg.model.name, ("sft",))
+            return parent.run_id
+        except RealignError:
+            pass  # its start was not an sft run (or is gone): fall back to the newest one
+    return _newest_sft(cfg, train)
+
+
+_newest_sft = newest_or_fail("align", lambda cfg: "sft",
+                             lambda cfg: "train one with `realign align --method sft`, or pass --sft-run <run id>")
+
+EXPO = register(Stage(
+    "expo", resolve_expo_config, expo_body,
+    inputs=(
+        Input("aligned_run", "aligned", ("align",), default=newest_or_fail(
+            "align", lambda cfg: cfg.method,
+            lambda cfg: f"train one with `realign align --method {cfg.method}`, or pass --aligned-run <run id>")),
+        Input("sft_run", "sft", ("align",), default=_default_sft_run),
+    ),
+    summary="Model extrapolation θ = θ_aligned + α(θ_aligned − θ_sft), evaluated in the same run.",
+))
+
+
 def run_expo(overrides: dict[str, Any]) -> str:
     """Extrapolate an aligned run from an SFT run for one α (one run) or several (parent + child runs)."""
-    experiment = str(overrides.get("experiment") or "")
-    with tracking.stage_run("expo", experiment=experiment) as run:
-        cfg = resolve_expo_config(overrides)
-        alphas = cfg.alphas()
-        run.set_tags({tracking.TAG_BASE_MODEL: cfg.model.name})
-        run.log_config(cfg)
-        inputs = resolve_inputs(cfg, run)
-        run.set_tags(inputs.lineage_tags)
-        method = inputs.aligned.method
-        load_weights(cfg, inputs)  # the heavy part starts only now, after every check passed
-
-        if len(alphas) == 1:
-            run.set_name(expo_run_name(method, alphas[0]))
-            extrapolate_and_log(run, cfg, inputs, alphas[0])
-            return run.run_id
-
-        run.set_name(f"expo/{method}/sweep")
-        run.set_tags({tracking.TAG_SWEEP: "alpha"})
-        sweep: dict[str, list] = {"alpha": [], "run_id": []}
-        for alpha in alphas:
-            with tracking.child_run(run, expo_run_name(method, alpha)) as child:
-                child.set_tags({tracking.TAG_BASE_MODEL: cfg.model.name, **inputs.lineage_tags})
-                child.log_config(dataclasses.replace(cfg, alpha=f"{alpha:g}"))
-                metrics = extrapolate_and_log(child, cfg, inputs, alpha)
-            sweep["alpha"].append(alpha)
-            sweep["run_id"].append(child.run_id)
-            for key, value in metrics.items():
-                sweep.setdefault(key, []).append(value)
-        # One table with every α's numbers, next to the child runs the UI charts.
-        run.log_table(sweep, "expo/sweep.json")
-        run.mark_complete()
-        return run.run_id
+    return run_stage(EXPO, overrides)
 
 
 def resolve_inputs(cfg: ExpoConfig, run: tracking.StageRun) -> ExpoInputs:
     """Find, check and download both input runs; decide lora vs merged. No model is loaded here."""
-    aligned_ref = cfg.aligned_run or _default_aligned_run(cfg)
-    aligned = run.resolve_input(aligned_ref, "aligned", ("align",), cfg.model.name, methods=PREFERENCE_METHODS)
-    sft_ref = cfg.sft_run or _default_sft_run(cfg, aligned)
-    sft = run.resolve_input(sft_ref, "sft", ("align",), cfg.model.name, methods=("sft",))
+    aligned = run.resolve_input(cfg.aligned_run, "aligned", ("align",), cfg.model.name, methods=PREFERENCE_METHODS)
+    sft = run.resolve_input(cfg.sft_run, "sft", ("align",), cfg.model.name, methods=("sft",))
     aligned_chain = run.adapter_chain(aligned)
     sft_chain = run.adapter_chain(sft)
     for adapter_dir, run_id in [*zip(aligned_chain, [*aligned.adapter_base, aligned.run_id]),
@@ -130,43 +159,6 @@ def resolve_inputs(cfg: ExpoConfig, run: tracking.StageRun) -> ExpoInputs:
             raise RealignError(f"aligned run {aligned.run_id}: {err}",
                                "extrapolate a plain LoRA adapter (no DoRA, no modules_to_save)") from None
     return inputs
-
-
-def _default_aligned_run(cfg: ExpoConfig) -> str:
-    run_id = tracking.latest_run("align", cfg.model.name, cfg.method, experiment=cfg.experiment,
-                                 note_elsewhere=False)
-    if run_id is None:
-        where = tracking.experiment_name(cfg.experiment)
-        raise RealignError(f"no finished align/{cfg.method} run of {cfg.model.name} in experiment {where}",
-                           f"train one with `realign align --method {cfg.method}`, or pass --aligned-run <run id>"
-                           + _realign_has("align", cfg, cfg.method))
-    return run_id
-
-
-def _realign_has(stage: str, cfg: ExpoConfig, method: str) -> str:
-    hint = tracking.elsewhere_hint(stage, cfg.model.name, method, cfg.experiment)
-    return f"; {hint.split('; ', 1)[1]}" if hint else ""
-
-
-def _default_sft_run(cfg: ExpoConfig, aligned: tracking.InputRun) -> str:
-    """The align/sft run the aligned adapter was trained on, else the newest align/sft run of the base model.
-
-    Its own SFT parent first: extrapolating through a DPO model from an SFT model it never started from would
-    mix two unrelated updates, and a newer SFT run is not a better reason to do so.
-    """
-    if aligned.adapter_base:
-        try:
-            parent = tracking.resolve_run(aligned.adapter_base[-1], "sft", ("align",), cfg.model.name, ("sft",))
-            return parent.run_id
-        except RealignError:
-            pass  # its start was not an sft run (or is gone): fall back to the newest one
-    run_id = tracking.latest_run("align", cfg.model.name, "sft", experiment=cfg.experiment, note_elsewhere=False)
-    if run_id is None:
-        where = tracking.experiment_name(cfg.experiment)
-        raise RealignError(f"no finished align/sft run of {cfg.model.name} in experiment {where}",
-                           "train one with `realign align --method sft`, or pass --sft-run <run id>"
-                           + _realign_has("align", cfg, "sft"))
-    return run_id
 
 
 def _check_adapter_files(adapter_dir: Path, run_id: str) -> None:
@@ -216,7 +208,6 @@ def extrapolate_and_log(run: tracking.StageRun, cfg: ExpoConfig, inputs: ExpoInp
         run.log_adapter(adapter_dir)
     else:
         run.log_dir(model_dir, "model")
-    run.mark_complete()
     return metrics
 
 

@@ -44,6 +44,7 @@ from realign.ops import nlsr as nlsr_ops
 from realign.ops import regions as regions_ops
 from realign.ops import streaming as streaming_ops
 from realign.eval.judges import check_judge
+from realign.stages.base import Input, Stage, register, run_stage
 from realign.stages.evaluate import check_task, evaluate_and_log
 
 REFERENCE_STAGES = ("align", "expo")
@@ -104,43 +105,50 @@ class FuseResult:
     modules_table: dict[str, list] | None = None
 
 
+def fuse_body(run: tracking.StageRun, cfg: FuseConfig) -> None:
+    """Fuse an attack run with a safety reference (inside a score run's region), evaluate it, log the artifact."""
+    run.set_tags({tracking.TAG_METHOD: cfg.method})
+    inputs = resolve_inputs(cfg, run)
+    run.set_name(fuse_run_name(cfg.method, inputs.granularity))
+    task = cfg.eval.task or inputs.finetuned.tags.get(tracking.TAG_TASK, "")
+    run.set_tags({tracking.TAG_TASK: task} if task else {})
+    run.log_params({"fuse.mode": inputs.mode, "fuse.granularity": inputs.granularity or "full"})
+    if inputs.selected_heads:
+        run.log_params({"fuse.heads": len(inputs.selected_heads)})
+
+    # The heavy part starts only now, after every check passed.
+    result = fuse_lora(cfg, inputs, run) if inputs.mode == "lora" else fuse_full(cfg, inputs, run)
+    log_changes(run, result)
+    if inputs.mode == "lora":
+        run.set_tags({tracking.TAG_ADAPTER_BASE: ",".join(inputs.finetuned.adapter_base),
+                      tracking.TAG_OUTPUT: "adapter"})
+    else:
+        run.set_tags({tracking.TAG_ADAPTER_BASE: "", tracking.TAG_OUTPUT: "model"})
+
+    if cfg.eval.enabled:
+        import torch
+
+        torch.manual_seed(cfg.seed)
+        # Loaded fresh from what is about to be logged: the numbers belong to the artifact, not to memory.
+        evaluation = evaluate_and_log(run, result.eval_model, result.eval_adapters, cfg.eval, task=task)
+        log_attacked_numbers(run, inputs.finetuned, evaluation.identity)
+    if inputs.mode == "lora":
+        run.log_adapter(result.artifact_dir)
+    else:
+        run.log_dir(result.artifact_dir, "model")
+
+
+FUSE = register(Stage(
+    "fuse", resolve_fuse_config, fuse_body,
+    inputs=(Input("finetuned_run", "finetuned", ("attack",)), Input("reference_run", "reference", REFERENCE_STAGES),
+            Input("mask_run", "mask", ("score",), absent=("",))),
+    summary="Fuse an attacked model with a safety reference (inside a score run's region), evaluated in the same run.",
+))
+
+
 def run_fuse(overrides: dict[str, Any]) -> str:
     """Fuse an attack run with a safety reference (inside a score run's region); returns the fuse run's id."""
-    experiment = str(overrides.get("experiment") or "")
-    with tracking.stage_run("fuse", experiment=experiment) as run:
-        cfg = resolve_fuse_config(overrides)
-        run.set_tags({tracking.TAG_BASE_MODEL: cfg.model.name, tracking.TAG_METHOD: cfg.method})
-        run.log_config(cfg)
-        inputs = resolve_inputs(cfg, run)
-        run.set_name(fuse_run_name(cfg.method, inputs.granularity))
-        task = cfg.eval.task or inputs.finetuned.tags.get(tracking.TAG_TASK, "")
-        run.set_tags({tracking.TAG_TASK: task} if task else {})
-        run.log_params({"fuse.mode": inputs.mode, "fuse.granularity": inputs.granularity or "full"})
-        if inputs.selected_heads:
-            run.log_params({"fuse.heads": len(inputs.selected_heads)})
-
-        # The heavy part starts only now, after every check passed.
-        result = fuse_lora(cfg, inputs, run) if inputs.mode == "lora" else fuse_full(cfg, inputs, run)
-        log_changes(run, result)
-        if inputs.mode == "lora":
-            run.set_tags({tracking.TAG_ADAPTER_BASE: ",".join(inputs.finetuned.adapter_base),
-                          tracking.TAG_OUTPUT: "adapter"})
-        else:
-            run.set_tags({tracking.TAG_ADAPTER_BASE: "", tracking.TAG_OUTPUT: "model"})
-
-        if cfg.eval.enabled:
-            import torch
-
-            torch.manual_seed(cfg.seed)
-            # Loaded fresh from what is about to be logged: the numbers belong to the artifact, not to memory.
-            evaluation = evaluate_and_log(run, result.eval_model, result.eval_adapters, cfg.eval, task=task)
-            log_attacked_numbers(run, inputs.finetuned, evaluation.identity)
-        if inputs.mode == "lora":
-            run.log_adapter(result.artifact_dir)
-        else:
-            run.log_dir(result.artifact_dir, "model")
-        run.mark_complete()
-        return run.run_id
+    return run_stage(FUSE, overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ An experiment file names its steps in order; each step is one stage with its par
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import os
 import re
@@ -36,19 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from realign import tracking
-from realign.config import conf_dir, flatten, param_string, read_yaml, to_dict
+from realign.config import conf_dir, read_yaml
 from realign.errors import RealignError
+from realign.stages import base, stage_table
 
-# Stage name -> (module, run function, config resolver or None when the stage is never reused).
-STAGES: dict[str, tuple[str, str, str | None]] = {
-    "align": ("realign.stages.align", "run_align", "resolve_align_config"),
-    "attack": ("realign.stages.attack", "run_attack", "resolve_attack_config"),
-    "evaluate": ("realign.stages.evaluate", "run_evaluate", "resolve_evaluate_config"),
-    "expo": ("realign.stages.expo", "run_expo", "resolve_expo_config"),
-    "score": ("realign.stages.score", "run_score", "resolve_score_config"),
-    "fuse": ("realign.stages.fuse", "run_fuse", "resolve_fuse_config"),
-    "compare": ("realign.stages.compare", "run_compare", None),
-}
 STEP_KEYS = ("stage", "grid", "each")  # the other keys of a step are the stage's own overrides
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)(?:\[([^\]]*)\])?\}")
 
@@ -137,9 +127,9 @@ def load_experiment(name_or_path: str, overrides: dict[str, Any] | None = None) 
                         file_experiment=file_experiment)
     seen: dict[str, list[Cell]] = {}
     for step_name, step in steps.items():
-        if not isinstance(step, dict) or step.get("stage") not in STAGES:
+        if not isinstance(step, dict) or step.get("stage") not in stage_table():
             raise RealignError(f"{path}: step {step_name!r} has no known stage",
-                               f"give it stage: one of {', '.join(STAGES)}")
+                               f"give it stage: one of {', '.join(stage_table())}")
         grid = step.get("grid") or {}
         each = step.get("each") or {}
         for key, table in (("grid", grid), ("each", each)):
@@ -221,12 +211,9 @@ def _resolve_value(value: Any, cell: Cell, done: dict[str, list[Cell]], path: Pa
 
 
 def stage_params(stage: str, overrides: dict[str, Any]) -> dict[str, str] | None:
-    """The params a run of `stage` with these overrides logs (its resolved config), or None if never reused."""
-    module_name, _, resolver = STAGES[stage]
-    if resolver is None:
-        return None
-    config = getattr(importlib.import_module(module_name), resolver)(overrides)
-    return {key: param_string(value) for key, value in flatten(to_dict(config)).items()}
+    """The params a run of `stage` with these overrides logs, every defaulted input resolved as the stage resolves
+    it; None when such a run is never reused (compare) or an input would be trained first."""
+    return base.stage_params(stage_table().get(stage), overrides)
 
 
 def check_cells(spec: Experiment) -> None:
@@ -238,8 +225,8 @@ def check_cells(spec: Experiment) -> None:
     for index, cell in enumerate(spec.cells):
         standin = Cell(cell.step, cell.stage, cell.grid_values, cell.overrides, run_id=f"{index + 1:032x}")
         resolved = {k: _resolve_value(v, cell, done, spec.path) for k, v in cell.overrides.items()}
-        try:
-            stage_params(cell.stage, resolved)
+        try:  # the config only: its defaulted inputs may be runs an earlier cell has not made yet
+            stage_table().get(cell.stage).resolve_config(resolved)
         except RealignError as err:
             raise RealignError(f"{spec.path.name}, step {cell.label}: {err.problem}", err.fix) from None
         done.setdefault(cell.step, []).append(standin)
@@ -268,8 +255,7 @@ def run_pipeline(overrides: dict[str, Any]) -> str:
                 cell.run_id, cell.reused = reusable, True
                 _progress(f"[{index}/{total}] {cell.label}: reused run {reusable}")
             else:
-                module_name, run_name, _ = STAGES[cell.stage]
-                cell.run_id = getattr(importlib.import_module(module_name), run_name)(resolved)
+                cell.run_id = base.run_stage(stage_table().get(cell.stage), resolved)
                 _progress(f"[{index}/{total}] {cell.label}: run {cell.run_id} "
                           f"({time.monotonic() - started:.0f} s so far, {total - index} to go)")
             done.setdefault(cell.step, []).append(cell)

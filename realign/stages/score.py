@@ -27,6 +27,7 @@ from realign.errors import RealignError
 from realign.ops import masks
 from realign.ops import neurons
 from realign.eval.judges import check_judge
+from realign.stages.base import Input, Stage, register, run_stage
 from realign.stages.evaluate import evaluate_model
 
 SCORED_STAGES = ("align", "expo")
@@ -70,55 +71,66 @@ class ScoredWeights:
     run_id: str  # "" for the base model
 
 
+def score_body(run: tracking.StageRun, cfg: ScoreConfig) -> None:
+    """Score one run's weights (or the base model's), log the region, and check it by removing it."""
+    method = neurons.METHODS[cfg.method]
+    run.set_name(f"score/{cfg.method}")
+    run.set_tags({tracking.TAG_METHOD: cfg.method})
+    weights = resolve_weights(cfg, run)
+    own_answers = cfg.data.safety_source == "self"
+    safety_rows = None if own_answers else safety_calibration(cfg)
+    utility_rows = utility_calibration(cfg) if method.uses_utility(score_settings(cfg)) else None
+    if own_answers:
+        check_judge(cfg.eval.judge)
+    else:
+        run.log_dataset(safety_rows, name=f"score-safety-{cfg.data.safety_source}", context="calibration-safety")
+    if utility_rows is not None:
+        run.log_dataset(utility_rows, name=f"score-utility-{cfg.data.utility}", context="calibration-utility")
+
+    # The heavy part starts only now, after every check passed.
+    model, base_config = load_scored_model(weights)
+    tokenizer = models.load_tokenizer(weights.model_cfg)
+    modules = scored_modules(model, cfg, weights)
+    if own_answers:
+        safety_rows, kept = own_safe_answers(cfg, model, tokenizer)
+        run.log_params({"data.self_answers": kept["answered"], "data.self_kept": kept["kept"]})
+        run.log_dataset(safety_rows, name="score-safety-self", context="calibration-safety")
+    region, seconds, examples = score_calibrated(cfg, model, base_config, tokenizer, modules, safety_rows,
+                                                 utility_rows)
+    metadata = {"realign.method": cfg.method, "realign.target": cfg.target, "realign.base_model": cfg.model.name,
+                "realign.architecture": masks.architecture_id(base_config),
+                "realign.source.model": weights.run_id or "base"}
+    mask_path = write_region(run, cfg.method, region, metadata)
+    run.log_metrics({"score_seconds": seconds, "seconds_per_sample": seconds / max(examples, 1)})
+    log_selection(run, region, modules)
+    if cfg.eval.enabled:
+        sanity_check(run, cfg, mask_path, model, tokenizer, modules)
+
+
+def score_calibrated(cfg: ScoreConfig, model, base_config, tokenizer, modules, safety_rows, utility_rows):
+    """(the region, seconds it took, calibration examples) of the method on these calibration rows."""
+    safety = calibration_batches(tokenizer, safety_rows, cfg)
+    utility = calibration_batches(tokenizer, utility_rows, cfg) if utility_rows is not None else []
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    num_heads = base_config.num_attention_heads if cfg.target == "weights" else 0
+    settings = score_settings(cfg, num_heads, int(cfg.state_budget * weight_bytes))
+    start = time.perf_counter()
+    region = neurons.score_region(cfg.method, model, modules, safety, utility, settings)
+    seconds = time.perf_counter() - start
+    check_region(region.tensors, region.kind, modules, f"method {cfg.method}")
+    return region, seconds, neurons.count_examples(safety) + neurons.count_examples(utility)
+
+
+SCORE = register(Stage(
+    "score", resolve_score_config, score_body,
+    inputs=(Input("model_run", "model", SCORED_STAGES, absent=("", "base")),),
+    summary="Safety-critical weights (SNIP, Wanda, set difference, ActSVD, NLSR's LoRA ActSVD) as masks.",
+))
+
+
 def run_score(overrides: dict[str, Any]) -> str:
     """Score one run's weights (or the base model's) and log the masks; returns the run id."""
-    experiment = str(overrides.get("experiment") or "")
-    with tracking.stage_run("score", experiment=experiment) as run:
-        cfg = resolve_score_config(overrides)
-        method = neurons.METHODS[cfg.method]
-        run.set_name(f"score/{cfg.method}")
-        run.set_tags({tracking.TAG_METHOD: cfg.method, tracking.TAG_BASE_MODEL: cfg.model.name})
-        run.log_config(cfg)
-        weights = resolve_weights(cfg, run)
-        own_answers = cfg.data.safety_source == "self"
-        safety_rows = None if own_answers else safety_calibration(cfg)
-        utility_rows = utility_calibration(cfg) if method.uses_utility(score_settings(cfg)) else None
-        if own_answers:
-            check_judge(cfg.eval.judge)
-        else:
-            run.log_dataset(safety_rows, name=f"score-safety-{cfg.data.safety_source}", context="calibration-safety")
-        if utility_rows is not None:
-            run.log_dataset(utility_rows, name=f"score-utility-{cfg.data.utility}", context="calibration-utility")
-
-        # The heavy part starts only now, after every check passed.
-        model, base_config = load_scored_model(weights)
-        tokenizer = models.load_tokenizer(weights.model_cfg)
-        modules = scored_modules(model, cfg, weights)
-        if own_answers:
-            safety_rows, kept = own_safe_answers(cfg, model, tokenizer)
-            run.log_params({"data.self_answers": kept["answered"], "data.self_kept": kept["kept"]})
-            run.log_dataset(safety_rows, name="score-safety-self", context="calibration-safety")
-        safety = calibration_batches(tokenizer, safety_rows, cfg)
-        utility = calibration_batches(tokenizer, utility_rows, cfg) if utility_rows is not None else []
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        num_heads = base_config.num_attention_heads if cfg.target == "weights" else 0
-        settings = score_settings(cfg, num_heads, int(cfg.state_budget * weight_bytes))
-        start = time.perf_counter()
-        region = neurons.score_region(cfg.method, model, modules, safety, utility, settings)
-        seconds = time.perf_counter() - start
-        check_region(region.tensors, region.kind, modules, f"method {cfg.method}")
-
-        metadata = {"realign.method": cfg.method, "realign.target": cfg.target, "realign.base_model": cfg.model.name,
-                    "realign.architecture": masks.architecture_id(base_config),
-                    "realign.source.model": weights.run_id or "base"}
-        mask_path = write_region(run, cfg.method, region, metadata)
-        examples = neurons.count_examples(safety) + neurons.count_examples(utility)
-        run.log_metrics({"score_seconds": seconds, "seconds_per_sample": seconds / max(examples, 1)})
-        log_selection(run, region, modules)
-        if cfg.eval.enabled:
-            sanity_check(run, cfg, mask_path, model, tokenizer, modules)
-        run.mark_complete()
-        return run.run_id
+    return run_stage(SCORE, overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------------
