@@ -6,6 +6,7 @@ or `train.learning_rate=1e-4` (that is also how `mlflow run -P key=value` reache
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -16,8 +17,6 @@ import click
 from realign.errors import RealignError
 
 EXTRA_ARGS = dict(ignore_unknown_options=True, allow_extra_args=True)
-EXPERIMENT_HELP = ("MLflow experiment of the run and of its default inputs (default: $MLFLOW_EXPERIMENT_NAME, "
-                   "else realign; under `mlflow run`, the one it chose with --experiment-name)")
 
 
 def _process_defaults() -> None:
@@ -68,108 +67,72 @@ def _fail(err: RealignError) -> None:
     sys.exit(2)
 
 
-@click.group()
+class StageGroup(click.Group):
+    """The `realign` command: its hand-written commands (pipeline) and one command per stage of the stage table,
+    read when asked, so a stage registered anywhere is a command."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from realign.stages import stage_table
+
+        return sorted({*super().list_commands(ctx), *stage_table()})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        from realign.stages import stage_table
+
+        if name in stage_table():
+            return stage_command(stage_table().get(name))
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=StageGroup)
 @click.version_option(package_name="realign")
 def main() -> None:
     """realign: align, attack, evaluate, amplify, localize and fuse LLMs, one MLflow run per stage."""
     _process_defaults()
 
 
-@main.command(context_settings=EXTRA_ARGS)
-@click.option("--method", help="sft | dpo | orpo | kto | simpo (default dpo)")
-@click.option("--recipe", help="conf/align/<recipe>.yaml (default: the method's name; nlsr-<method> for GPUs)")
-@click.option("--model", help="conf/model/<preset>.yaml: smollm2-135m (default), tiny, llama3-8b, llama2-7b")
-@click.option("--sft-run", "--sft_run", "sft_run", help="run id or runs:/ URI of an align/sft run to start from")
-@click.option("--experiment", help=EXPERIMENT_HELP)
-@click.pass_context
-def align(ctx: click.Context, method, recipe, model, sft_run, experiment) -> None:
-    """Train a safety-alignment LoRA adapter with TRL (SFT, DPO, ORPO, KTO, SimPO)."""
-    from realign.stages.align import run_align
-
-    named = dict(method=method, recipe=recipe, model=model, sft_run=sft_run, experiment=experiment)
-    _run_with_overrides(run_align, named, ctx.args)
+MODEL_HELP = "conf/model/<preset>.yaml: smollm2-135m (default), tiny, llama3-8b, llama2-7b"
 
 
-@main.command(context_settings=EXTRA_ARGS)
-@click.option("--ratio", help="p: share of harmful examples in the fine-tuning data, in [0, 1] (default 0.1)")
-@click.option("--size", help="n: number of fine-tuning examples (default 100)")
-@click.option("--task", help="sst2 | ag_news | gsm8k | alpaca (default sst2)")
-@click.option("--source-run", "--source_run", "source_run",
-              help="align/expo run to attack (default: newest finished align/<method> run, trained if none)")
-@click.option("--method", help="alignment method of the default source run (default dpo)")
-@click.option("--seed", help="data mixing and training seed (default 0)")
-@click.option("--adapter", help="new (a fresh LoRA on the source's merged weights, default) | continue (keep "
-                                "training the source's own LoRA adapter, as NLSR does)")
-@click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
-@click.option("--recipe", help="conf/attack/<recipe>.yaml (default; nlsr for GPUs)")
-@click.option("--experiment", help=EXPERIMENT_HELP)
-@click.pass_context
-def attack(ctx: click.Context, **named) -> None:
-    """Harmful fine-tuning: a task mixed with harmful data, then harmful score and fine-tune accuracy."""
-    from realign.stages.attack import run_attack
+def stage_command(stage) -> click.Command:
+    """The subcommand of a stage: one option per documented field of its config (help and choices from the field),
+    its shortcuts to nested keys, and any other key as an override (`--train.learning_rate 1e-4`)."""
+    params: list[click.Parameter] = []
+    keys: dict[str, str] = {}  # option destination -> config key
+    for spec in dataclasses.fields(stage.config):
+        if spec.name == "model":
+            params.append(click.Option(["--model"], help=MODEL_HELP))
+            keys["model"] = "model"
+        elif "help" in spec.metadata:
+            params.append(click.Option([*_option_names(spec.name), spec.name], help=spec.metadata["help"]))
+            keys[spec.name] = spec.name
+    for short, key in stage.shortcuts.items():
+        params.append(click.Option([*_option_names(short), short], help=_nested_help(stage.config, key)))
+        keys[short] = key
 
-    _run_with_overrides(run_attack, named, ctx.args)
+    def callback(**named):
+        from realign.stages.base import run_stage
 
+        context = click.get_current_context()
+        given = {keys[name]: value for name, value in named.items()}
+        _run_with_overrides(lambda overrides: run_stage(stage, overrides), given, context.args)
 
-@main.command(context_settings=EXTRA_ARGS)
-@click.option("--run", "run", help="run whose adapter to evaluate (align, attack, expo, fuse); omit for the base model")
-@click.option("--judge", help="classifier (default) | keyword | beaver-dam | llama-guard")
-@click.option("--judge-path", "--judge_path", "judge_path", help="local dir or hub id of a model judge")
-@click.option("--task", help="task for finetune_accuracy (default: the evaluated run's task)")
-@click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
-@click.option("--experiment", help=EXPERIMENT_HELP)
-@click.pass_context
-def evaluate(ctx: click.Context, **named) -> None:
-    """Harmful score (judged), refusal rate and fine-tune accuracy of a run's model, or of the base."""
-    from realign.stages.evaluate import run_evaluate
-
-    # Short options for the keys people set most; they live under eval.* in the config.
-    for key in ("judge", "judge_path", "task"):
-        named[f"eval.{key}"] = named.pop(key)
-    _run_with_overrides(run_evaluate, named, ctx.args)
+    return click.Command(stage.name, params=params, callback=callback, help=stage.summary,
+                         context_settings=EXTRA_ARGS)
 
 
-@main.command(context_settings=EXTRA_ARGS)
-@click.option("--aligned-run", "--aligned_run", "aligned_run",
-              help="align run to extrapolate (default: newest finished align/<method> run)")
-@click.option("--sft-run", "--sft_run", "sft_run",
-              help="align/sft run to extrapolate from (default: the one the aligned run was trained on)")
-@click.option("--alpha", help="α >= 0, or a list 0.1,0.3,0.5,0.9 for a sweep of child runs (default 0.9)")
-@click.option("--method", help="alignment method of the default aligned run (default dpo)")
-@click.option("--seed", help="torch seed before evaluation (default 0)")
-@click.option("--form", help="paper (θ_sft + (1 + α)·ΔW, default) | seed (NLSR's code: every LoRA tensor × 2α, "
-                             "ΔW × 4α²)")
-@click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
-@click.option("--recipe", help="conf/expo/<recipe>.yaml (default)")
-@click.option("--experiment", help=EXPERIMENT_HELP)
-@click.pass_context
-def expo(ctx: click.Context, **named) -> None:
-    """Model extrapolation θ = θ_aligned + α(θ_aligned − θ_sft), evaluated in the same run."""
-    from realign.stages.expo import run_expo
-
-    _run_with_overrides(run_expo, named, ctx.args)
+def _option_names(name: str) -> list[str]:
+    dashed = f"--{name.replace('_', '-')}"
+    return [dashed, f"--{name}"] if "_" in name else [dashed]
 
 
-@main.command(context_settings=EXTRA_ARGS)
-@click.option("--method", help="snip | wanda (default) | set_difference | actsvd | lora_actsvd")
-@click.option("--model-run", "--model_run", "model_run",
-              help="align or expo run whose weights are scored (default: the base model)")
-@click.option("--target", help="weights (the merged model, default) | lora (the run's own LoRA A/B matrices)")
-@click.option("--sparsity", help="fraction of each weight matrix selected, in (0, 1) (snip, wanda, lora_actsvd)")
-@click.option("--top-q", "--top_q", "top_q", help="set_difference: top-q of the safety score, in (0, 1)")
-@click.option("--top-p", "--top_p", "top_p", help="set_difference: minus the top-p of the utility score, in (0, 1)")
-@click.option("--rank", help="actsvd: safety ranks r_s per matrix (--utility_rank r_u projects them off utility)")
-@click.option("--nsamples", help="calibration examples per data set")
-@click.option("--seed", help="calibration sampling and the sanity check's random selection (default 0)")
-@click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
-@click.option("--recipe", help="conf/score/<recipe>.yaml (default; nlsr for GPUs)")
-@click.option("--experiment", help=EXPERIMENT_HELP)
-@click.pass_context
-def score(ctx: click.Context, **named) -> None:
-    """Safety-critical weights (SNIP, Wanda, set difference, ActSVD, NLSR's LoRA ActSVD) as masks, sanity-checked."""
-    from realign.stages.score import run_score
+def _nested_help(config: type, key: str) -> str:
+    """The help of a nested field (eval.judge -> EvalSettings.judge)."""
+    import typing
 
-    _run_with_overrides(run_score, named, ctx.args)
+    outer, _, inner = key.partition(".")
+    nested = typing.get_type_hints(config)[outer]
+    return next(spec.metadata.get("help", "") for spec in dataclasses.fields(nested) if spec.name == inner)
 
 
 @main.command(context_settings=EXTRA_ARGS)
@@ -183,51 +146,6 @@ def pipeline(ctx: click.Context, **named) -> None:
     from realign.stages.pipeline import run_pipeline
 
     _run_with_overrides(run_pipeline, named, ctx.args)
-
-
-@main.command(context_settings=EXTRA_ARGS)
-@click.option("--experiment", help="MLflow experiment whose runs are compared and that holds the compare run "
-                                   "(default: $MLFLOW_EXPERIMENT_NAME, else realign; under `mlflow run`, its own)")
-@click.option("--filter", "filter", help="MLflow search filter on top of FINISHED and complete, "
-                                         "e.g. \"tags.`realign.base_model` = 'smollm2-135m'\"")
-@click.option("--out", help="local folder for dashboard.html and tables/*.csv|md (default: only the compare run)")
-@click.pass_context
-def compare(ctx: click.Context, **named) -> None:
-    """The seed's tables (markdown on stdout, CSV) and plotly dashboards from an experiment's runs."""
-    from realign.stages.compare import run_compare
-
-    _run_with_overrides(run_compare, named, ctx.args)
-
-
-@main.command(context_settings=EXTRA_ARGS)
-@click.option("--finetuned-run", "--finetuned_run", "finetuned_run", help="attack run to repair (required)")
-@click.option("--reference-run", "--reference_run", "reference_run",
-              help="safety reference: an align or expo run (required)")
-@click.option("--mask-run", "--mask_run", "mask_run", help="score run whose region restricts the fusion (optional)")
-@click.option("--method", help="restore (default) | average | task_arithmetic | ties | consensus_ta | consensus_ties")
-@click.option("--granularity", help="neurons | ranks (the score run's own kind, default) | heads")
-@click.option("--weights", help="w of (finetuned, reference), e.g. 1,1")
-@click.option("--scale", help="λ of task arithmetic / ties / consensus, in (0, 1] (default 1)")
-@click.option("--density", help="ties: fraction of each task vector kept, in (0, 1] (default 0.2)")
-@click.option("--tall-lambda", "--tall_lambda", "tall_lambda", help="consensus: TALL mask λ, in (0, 1] (default 0.4)")
-@click.option("--consensus-k", "--consensus_k", "consensus_k", help="consensus: masks that must agree, 1 or 2")
-@click.option("--selection", help="restore: which modules get the transplant: all (default) | adaptive (NLSR's "
-                                  "adaptive_mask_replace draw) | threshold (NLSR's mask_replace: similarity < tau)")
-@click.option("--prune-rate", "--prune_rate", "prune_rate", help="adaptive: mean replacement probability (0.5)")
-@click.option("--epsilon", help="adaptive: probability spread ε around it (default 0.2)")
-@click.option("--prefer", help="adaptive: similar (the authors' code: most similar modules most likely) | "
-                               "dissimilar (the paper's text, default)")
-@click.option("--tau", help="threshold: replace modules whose similarity is below it (default 0.1)")
-@click.option("--seed", help="adaptive: seed of the draw (default 0)")
-@click.option("--model", help="conf/model/<preset>.yaml (default smollm2-135m)")
-@click.option("--recipe", help="conf/fuse/<recipe>.yaml (default)")
-@click.option("--experiment", help=EXPERIMENT_HELP)
-@click.pass_context
-def fuse(ctx: click.Context, **named) -> None:
-    """Fuse an attacked model with a safety reference (inside a score run's region), evaluated in the same run."""
-    from realign.stages.fuse import run_fuse
-
-    _run_with_overrides(run_fuse, named, ctx.args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ an unknown key or a value of the wrong type is a RealignError, raised before any
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import types
 import typing
@@ -22,6 +21,14 @@ import yaml
 from realign.errors import RealignError
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] = (), factory: Any = None) -> Any:
+    """A config field with its help text (the CLI option's) and, when it has a fixed set, its choices."""
+    metadata = {"help": help, "choices": tuple(choices)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def conf_dir() -> Path:
@@ -120,8 +127,8 @@ class EvalSettings:
     # The name travels with harmful_score (tag realign.judge). The classifier judges the question-answer pair and
     # rarely flags a harmless answer; it misses many harmful ones (a lower bound; README, judges), while
     # refusal_rate (keyword matching) is always logged beside it.
-    judge: str = "classifier"
-    judge_path: str = ""  # a local dir or hub id, for model judges (beaver-dam, llama-guard)
+    judge: str = option("classifier", "classifier (default) | keyword | beaver-dam | llama-guard")
+    judge_path: str = option("", "local dir or hub id of a model judge (beaver-dam, llama-guard)")
     # Held-out harmful prompts (disjoint in topic and wording from any training data). 120 gives a 15 % score a
     # 95 % Wilson interval of about ±6.4 points.
     num_prompts: int = 120
@@ -131,7 +138,8 @@ class EvalSettings:
     prompts_column: str = ""  # its column; "" = the first of prompt, goal, Behavior, question, text
     # Benign instructions for benign_refusal_rate (over-refusal); 0 = none.
     benign_prompts: int = 48
-    task: str = ""  # task whose test split gives finetune_accuracy; "" = the attack's task, none for align runs
+    task: str = option("", "task whose test split gives finetune_accuracy (default: the attack's task; none for "
+                           "align runs)")
     task_examples: int = 64
     max_new_tokens: int = 48  # greedy decoding; part of what makes two scores comparable
     batch_size: int = 16
@@ -157,26 +165,18 @@ class EvalSettings:
                                    f"pass --eval.num_prompts {len(found)} or a larger file")
 
 
-@dataclass
-class AlignConfig:
-    method: str = "dpo"
-    recipe: str = ""  # conf/align/<recipe>.yaml; empty = the method's name
-    model: ModelConfig = field(default_factory=ModelConfig)
-    # Where a preference method starts: "" or "none" = the base model; a run id / runs:/ URI of an align/sft run;
-    # "auto" = the newest finished align/sft run of this base model, trained first (as its own run) if none exists.
-    sft_run: str = ""
-    seed: int = 0
-    experiment: str = ""  # MLflow experiment; "" = $MLFLOW_EXPERIMENT_NAME, else realign (mlflow run: its own)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    data: AlignData = field(default_factory=AlignData)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    eval: EvalSettings = field(default_factory=EvalSettings)
+# ---------------------------------------------------------------------------------------------------------------
+# Options: help and choices live on the field (the CLI and the checks read them)
 
-    def validate(self) -> None:
-        if self.sft_run not in ("", "none") and self.method == "sft":
-            raise RealignError("sft_run was given for method sft", "drop sft_run, or pick a preference method")
-        for part in (self.model, self.lora, self.data, self.train, self.eval):
-            part.validate()
+
+def check_choices(cfg: Any, prefix: str = "") -> None:
+    """Every field that names its choices holds one of them (nested configs too)."""
+    for spec in dataclasses.fields(cfg):
+        value = getattr(cfg, spec.name)
+        if dataclasses.is_dataclass(value):
+            check_choices(value, f"{prefix}{spec.name}.")
+        elif spec.metadata.get("choices"):
+            _check_choice(f"{prefix}{spec.name}", value, spec.metadata["choices"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -381,294 +381,18 @@ def resolve_stage_config(cls: type, stage: str, recipe: str, overrides: dict[str
     data: dict[str, Any] = {}
     if recipe:
         data = deep_merge(data, load_preset(stage, recipe))
+    has_model = "model" in {spec.name for spec in dataclasses.fields(cls)}
     model_override = overrides.get("model")
     model_name = model_override if isinstance(model_override, str) else data.get("model")
-    if isinstance(model_name, str):
+    if has_model and isinstance(model_name, str):
         data["model"] = load_preset("model", model_name)
-    elif model_name is None:
+    elif has_model and model_name is None:
         data["model"] = load_preset("model", ModelConfig().name)
     for key, value in overrides.items():
         if key == "model" and isinstance(value, str):
             continue
         set_dotted(data, key, value)
     cfg = from_dict(cls, data)
+    check_choices(cfg)
     cfg.validate()
     return cfg
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# attack and evaluate
-
-
-@dataclass
-class AttackData:
-    harmful_source: str = "builtin"  # or PKU-Alignment/BeaverTails
-    task_source: str = "builtin"  # or the task's hub id (sst2, ag_news, gsm8k, tatsu-lab/alpaca)
-
-
-@dataclass
-class AttackConfig:
-    task: str = "sst2"
-    ratio: float = 0.1  # p: share of harmful examples in the fine-tuning data
-    size: int = 100  # n: fine-tuning examples in all
-    method: str = "dpo"  # alignment method of the source run (used to find it when source_run is empty)
-    source_run: str = ""  # align (or expo) run to attack; "" = newest finished align/<method> run, trained if none
-    # new: a fresh LoRA on the source's merged weights; continue: keep training the source's own LoRA adapter on the
-    # model it was trained on (NLSR: the attacked and reference adapters then share their A/B coordinates).
-    adapter: str = "new"
-    recipe: str = "default"  # conf/attack/<recipe>.yaml
-    model: ModelConfig = field(default_factory=ModelConfig)
-    seed: int = 0
-    experiment: str = ""  # MLflow experiment; "" = $MLFLOW_EXPERIMENT_NAME, else realign (mlflow run: its own)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    data: AttackData = field(default_factory=AttackData)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-
-    def validate(self) -> None:
-        if not 0.0 <= self.ratio <= 1.0:
-            raise RealignError(f"ratio={self.ratio} is outside [0, 1]", "pass --ratio between 0 and 1, e.g. 0.1")
-        if self.size <= 0:
-            raise RealignError(f"size={self.size} must be > 0", "pass --size, the number of fine-tuning examples")
-        _check_choice("adapter", self.adapter, ("new", "continue"))
-        for part in (self.model, self.lora, self.train, self.eval):
-            part.validate()
-
-
-@dataclass
-class EvaluateConfig:
-    run: str = ""  # the run whose adapter is evaluated; "" or "base" = the bare base model
-    recipe: str = "default"  # conf/evaluate/<recipe>.yaml
-    model: ModelConfig = field(default_factory=ModelConfig)
-    experiment: str = ""  # MLflow experiment; "" = $MLFLOW_EXPERIMENT_NAME, else realign (mlflow run: its own)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-
-    def validate(self) -> None:
-        for part in (self.model, self.eval):
-            part.validate()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# expo
-
-
-@dataclass
-class ExpoConfig:
-    """Model extrapolation θ = θ_aligned + α(θ_aligned − θ_sft) of an align run (see realign/ops/expo.py)."""
-
-    aligned_run: str = ""  # align run to extrapolate; "" = newest finished align/<method> run of the base model
-    # The SFT model to extrapolate from; "" = the align/sft run the aligned adapter was trained on (its
-    # realign.adapter_base), else the newest finished align/sft run of the base model.
-    sft_run: str = ""
-    method: str = "dpo"  # alignment method of the default aligned run
-    # α ≥ 0, or a comma-separated list for a sweep (one child run per α). A string, not list[float], so that
-    # `--alpha 0.9`, `--alpha 0.1,0.3` and YAML `alpha: 0.9` all work; parsed by `alphas()`.
-    alpha: str = "0.9"
-    # paper: θ_sft + (1 + α)·ΔW_aligned (lora_B × (1 + α)); seed: the NLSR code's every LoRA tensor × 2α (ΔW × 4α²).
-    form: str = "paper"
-    recipe: str = "default"  # conf/expo/<recipe>.yaml
-    model: ModelConfig = field(default_factory=ModelConfig)
-    seed: int = 0  # torch is seeded with it before evaluation; with greedy decoding nothing on the default path draws
-    experiment: str = ""  # MLflow experiment; "" = $MLFLOW_EXPERIMENT_NAME, else realign (mlflow run: its own)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-
-    def alphas(self) -> list[float]:
-        return parse_alphas(self.alpha)
-
-    def validate(self) -> None:
-        self.alphas()
-        _check_choice("form", self.form, ("paper", "seed"))
-        if self.method == "sft":
-            raise RealignError("method=sft has no aligned run to extrapolate: EXPO goes from the SFT model through "
-                               "an aligned one", "pass --method dpo|orpo|kto|simpo or --aligned-run <run id>")
-        for part in (self.model, self.eval):
-            part.validate()
-
-
-def parse_alphas(value: str) -> list[float]:
-    """'0.9' -> [0.9]; '0.1,0.3,0.5' -> [0.1, 0.3, 0.5]; each α finite, ≥ 0 and listed once."""
-    text = str(value).strip().strip("[]")
-    items = [item.strip() for item in text.split(",")]
-    if not text or any(not item for item in items):
-        raise RealignError(f"alpha={value!r} is not a list of numbers", "pass --alpha 0.9 or --alpha 0.1,0.3,0.5,0.9")
-    alphas: list[float] = []
-    for item in items:
-        try:
-            alpha = float(item)
-        except ValueError:
-            raise RealignError(f"alpha={value!r} is not a list of numbers ({item!r} is not a number)",
-                               "pass --alpha 0.9 or --alpha 0.1,0.3,0.5,0.9") from None
-        if not math.isfinite(alpha):
-            raise RealignError(f"alpha={item} is not finite", "pass a number >= 0, e.g. --alpha 0.9")
-        if alpha < 0:
-            raise RealignError(f"alpha={item} is negative: α < 0 moves back towards the SFT model",
-                               "pass α >= 0 (α = 0 is the aligned model itself), e.g. --alpha 0.9")
-        if alpha in alphas:
-            raise RealignError(f"alpha={value!r} lists {item} twice", "list each α once")
-        alphas.append(alpha)
-    return alphas
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# compare
-
-
-@dataclass
-class CompareConfig:
-    """Tables and dashboards from an experiment's finished runs (see realign/dashboards.py)."""
-
-    # The experiment whose runs are compared (see experiment below); the compare run is logged there too.
-    experiment: str = ""
-    # An MLflow search filter added to "FINISHED and complete", e.g. tags.`realign.base_model` = 'smollm2-135m'.
-    filter: str = ""
-    out: str = ""  # a local folder for dashboard.html and tables/*.csv|md; "" = only the compare run's artifacts
-
-    def validate(self) -> None:
-        pass
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# score
-
-
-@dataclass
-class ScoreData:
-    """Calibration data: safety = harmful prompts with safe (refusal) responses; utility = task or instruction data."""
-
-    # builtin PKU-SafeRLHF-shaped pairs; PKU-Alignment/PKU-SafeRLHF (hub); or self: the scored model's own greedy
-    # answers to those harmful prompts, kept where the evaluation judge calls them safe (NLSR's calibration)
-    safety_source: str = "builtin"
-    utility: str = "benign"  # benign instructions with answers, or a task: sst2 | ag_news | gsm8k | alpaca
-    utility_source: str = "builtin"  # for a task: builtin, hub, or the task's hub id
-    max_length: int = 256  # tokens per example (prompt + response), cut at the end
-    batch_size: int = 4
-
-    def validate(self) -> None:
-        if self.max_length < 2:
-            raise RealignError(f"data.max_length must be >= 2, got {self.max_length}", "pass e.g. --data.max_length 256")
-        _check_positive("data.batch_size", self.batch_size)
-
-
-@dataclass
-class ScoreConfig:
-    """Safety-critical weights of a model as masks (realign/ops/neurons.py has the exact definitions)."""
-
-    method: str = "wanda"  # snip | wanda | set_difference | actsvd | lora_actsvd
-    model_run: str = ""  # align or expo run whose weights are scored; "" or "base" = the base model
-    target: str = "weights"  # weights: the merged model's linear layers; lora: the run's own LoRA A/B matrices
-    sparsity: float = 0.01  # snip, wanda, lora_actsvd: fraction of each weight matrix selected, in (0, 1)
-    top_q: float = 0.01  # set_difference: top-q of the safety score ...
-    top_p: float = 0.01  # ... minus top-p of the utility score, each in (0, 1)
-    difference_score: str = "snip"  # set_difference: the score both sets are ranked by (snip | wanda)
-    rank: int = 10  # actsvd: r_s, safety output directions per matrix (at most min(d_out, d_in))
-    utility_rank: int = 0  # actsvd: r_u, utility directions the safety ranks are projected away from (0 = none)
-    lora_rank_fraction: float = 0.8  # lora_actsvd: directions kept per LoRA matrix, ⌊f · min(d_out, d_in)⌋
-    # lora_actsvd: layer by layer on the earlier layers already projected (NLSR's wrapper); false: all at once.
-    lora_sequential: bool = True
-    comparison: str = "matrix"  # snip, wanda: entries compete per matrix, or per output row (row)
-    modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
-    nsamples: int = 32  # calibration examples per data set
-    seed: int = 0  # calibration sampling and the sanity check's random selection
-    # Scoring state held at once (SNIP's gradient sums, ActSVD's Gram matrices), as a fraction of the model's weight
-    # bytes: more passes over the calibration data when smaller. 0.15 keeps every method's peak resident memory
-    # within 2.5x the weights on SmolLM2 (bench/score_memory.py).
-    state_budget: float = 0.15
-    recipe: str = "default"  # conf/score/<recipe>.yaml
-    model: ModelConfig = field(default_factory=ModelConfig)
-    experiment: str = ""  # MLflow experiment; "" = $MLFLOW_EXPERIMENT_NAME, else realign (mlflow run: its own)
-    data: ScoreData = field(default_factory=ScoreData)
-    # The sanity check: harmful score of the model, of the model with the selected weights zeroed (ranks removed),
-    # and with a random selection of the same size zeroed. eval.enabled=false skips it.
-    eval: EvalSettings = field(default_factory=EvalSettings)
-
-    def validate(self) -> None:
-        for key in ("sparsity", "top_q", "top_p"):
-            value = getattr(self, key)
-            if not 0.0 < value < 1.0:
-                raise RealignError(f"{key}={value} is outside (0, 1)",
-                                   f"pass --{key} as the fraction of each weight matrix to select, e.g. 0.01")
-        _check_choice("target", self.target, ("weights", "lora"))
-        _check_choice("comparison", self.comparison, ("matrix", "row"))
-        if self.rank < 1:
-            raise RealignError(f"rank={self.rank} must be >= 1", "pass --rank, the safety ranks per matrix, e.g. 10")
-        if self.utility_rank < 0:
-            raise RealignError(f"utility_rank={self.utility_rank} must be >= 0", "pass 0 or more")
-        if not 0.0 < self.lora_rank_fraction <= 1.0:
-            raise RealignError(f"lora_rank_fraction={self.lora_rank_fraction} is outside (0, 1]",
-                               "pass e.g. --lora_rank_fraction 0.8")
-        _check_positive("nsamples", self.nsamples)
-        _check_positive("state_budget", self.state_budget)
-        if not self.modules:
-            raise RealignError("modules is empty", "name at least one linear layer, e.g. q_proj,v_proj")
-        for part in (self.model, self.data, self.eval):
-            part.validate()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# fuse
-
-
-@dataclass
-class FuseConfig:
-    """Fusion of an attacked model with a safety reference, optionally inside a score run's region
-    (realign/ops/merge.py has the exact definitions)."""
-
-    finetuned_run: str = ""  # the attack run to repair (required)
-    reference_run: str = ""  # the safety reference: an align or expo run (required)
-    mask_run: str = ""  # a score run whose masks/ restrict the fusion; "" = the whole model
-    method: str = "restore"  # average | task_arithmetic | ties | consensus_ta | consensus_ties | restore
-    # Region granularity: "" = the score run's own kind (neurons or ranks); heads = its masks/<method>.heads file.
-    granularity: str = ""
-    top_heads: float = 0.1  # heads: fraction of all attention heads (by summed safety score) in the region
-    weights: list[float] = field(default_factory=lambda: [1.0, 1.0])  # w_t of (finetuned, reference)
-    scale: float = 1.0  # λ of task arithmetic, ties and consensus: θ0 + λ·(merged task vector), in (0, 1]
-    density: float = 0.2  # ties: fraction of each task vector kept by magnitude, in (0, 1]
-    tall_lambda: float = 0.4  # consensus: TALL mask |τ_t| ≥ λ·|τ_MTL − τ_t|, in (0, 1]
-    consensus_k: int = 2  # consensus: keep entries at least k of the 2 TALL masks select
-    # restore: which modules get the transplant. all: every module of the region; adaptive: NLSR's
-    # adaptive_mask_replace (a seeded Bernoulli draw per module from its similarity rank); threshold: NLSR's
-    # mask_replace (every module whose similarity is below tau).
-    selection: str = "all"
-    prune_rate: float = 0.5  # restore, adaptive: mean replacement probability, in [0, 1]
-    epsilon: float = 0.2  # restore, adaptive: probabilities spread over [prune_rate − ε, prune_rate + ε]
-    # restore, adaptive: which end of the similarity ranking is most likely replaced. similar = the authors' code
-    # (Adaptive_Search_Operation); dissimilar = the paper's text and the code's own comment.
-    prefer: str = "dissimilar"
-    tau: float = 0.1  # restore, threshold: replace a module when cos(masked updates) < tau
-    seed: int = 0  # restore, adaptive: the Bernoulli draw; torch is seeded with it before evaluation too
-    mode: str = "auto"  # auto | lora (fuse the adapters' A/B tensors) | full (merged weights, streamed)
-    recipe: str = "default"  # conf/fuse/<recipe>.yaml
-    model: ModelConfig = field(default_factory=ModelConfig)
-    experiment: str = ""  # MLflow experiment; "" = $MLFLOW_EXPERIMENT_NAME, else realign (mlflow run: its own)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-
-    def validate(self) -> None:
-        for key in ("finetuned_run", "reference_run"):
-            if not getattr(self, key):
-                raise RealignError(f"{key} is required", f"pass --{key} <run id>")
-        _check_choice("granularity", self.granularity, ("", "neurons", "ranks", "heads"))
-        _check_choice("mode", self.mode, ("auto", "lora", "full"))
-        for key in ("scale", "density", "tall_lambda", "top_heads"):
-            value = getattr(self, key)
-            if not (math.isfinite(value) and 0.0 < value <= 1.0):
-                raise RealignError(f"{key}={value} is outside (0, 1]", f"pass --{key} within (0, 1]")
-        if len(self.weights) != 2 or any(not math.isfinite(w) or w < 0 for w in self.weights) or sum(self.weights) <= 0:
-            raise RealignError(f"weights={self.weights} must be two numbers >= 0 (finetuned, reference), not both 0",
-                               "pass --weights 1,1")
-        if not 1 <= self.consensus_k <= 2:
-            raise RealignError(f"consensus_k={self.consensus_k} is outside [1, 2] (two models are fused)",
-                               "pass --consensus_k 1 or 2")
-        _check_choice("selection", self.selection, ("all", "adaptive", "threshold"))
-        _check_choice("prefer", self.prefer, ("similar", "dissimilar"))
-        if not (math.isfinite(self.tau) and -1.0 <= self.tau <= 1.0):
-            raise RealignError(f"tau={self.tau} is outside [-1, 1] (a cosine similarity)", "pass e.g. --tau 0.1")
-        if self.selection != "all" and self.method != "restore":
-            raise RealignError(f"selection={self.selection} chooses modules for restore, not {self.method}",
-                               "drop --selection, or pass --method restore")
-        _check_range("prune_rate", self.prune_rate, 0.0, 1.0)
-        if not (math.isfinite(self.epsilon) and 0.0 <= self.epsilon <= min(self.prune_rate, 1.0 - self.prune_rate)):
-            raise RealignError(f"epsilon={self.epsilon} must be in [0, min(prune_rate, 1 − prune_rate)] = "
-                               f"[0, {min(self.prune_rate, 1.0 - self.prune_rate):g}]",
-                               "pass a smaller --epsilon, e.g. 0.2 with --prune_rate 0.5")
-        for part in (self.model, self.eval):
-            part.validate()

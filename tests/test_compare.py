@@ -11,7 +11,7 @@ from mlflow.entities import Metric, Param
 
 from realign import dashboards, tracking
 from realign.cli import main
-from realign.config import CompareConfig
+from realign.stage_configs import CompareConfig
 from realign.errors import RealignError
 from realign.stages.compare import build_report, run_compare
 

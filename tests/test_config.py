@@ -2,7 +2,8 @@
 
 import pytest
 
-from realign.config import AlignConfig, flatten, parse_overrides, resolve_stage_config, to_dict
+from realign.config import flatten, parse_overrides, resolve_stage_config, to_dict
+from realign.stage_configs import AlignConfig
 from realign.errors import RealignError
 from realign.stages.align import resolve_align_config
 

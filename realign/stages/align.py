@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from realign import data, distributed, models, tracking
-from realign.config import AlignConfig, resolve_stage_config
+from realign.config import resolve_stage_config
+from realign.stage_configs import AlignConfig
 from realign.registry import Registry
 from realign.stages.base import Input, Stage, inherited_overrides, newest_or_train, register, run_stage
 from realign.stages.common import plan_checkpoints, train_lora, trainer_arguments
@@ -128,7 +129,7 @@ def align_body(run: tracking.StageRun, cfg: AlignConfig) -> None:
 
 
 ALIGN = register(Stage(
-    "align", resolve_align_config, align_body,
+    "align", AlignConfig, resolve_align_config, align_body,
     inputs=(Input("sft_run", "sft", ("align",), default=newest_or_train("align", lambda cfg: "sft", _train_sft),
                   default_on=("auto",), absent=("", "none"), trains=True),),
     summary="Train a safety-alignment LoRA adapter with TRL (SFT, DPO, ORPO, KTO, SimPO).",

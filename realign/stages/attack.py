@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from realign import data, distributed, models, tracking
-from realign.config import AttackConfig, resolve_stage_config
+from realign.config import resolve_stage_config
+from realign.stage_configs import AttackConfig
 from realign.errors import RealignError
 from realign.stages.base import Input, Stage, inherited_overrides, newest_or_train, register, run_stage
 from realign.stages.common import plan_checkpoints, train_lora, trainer_arguments
@@ -78,7 +79,7 @@ def attack_body(run: tracking.StageRun, cfg: AttackConfig) -> None:
 
 
 ATTACK = register(Stage(
-    "attack", resolve_attack_config, attack_body,
+    "attack", AttackConfig, resolve_attack_config, attack_body,
     inputs=(Input("source_run", "aligned", SOURCE_STAGES,
                   default=newest_or_train("align", lambda cfg: cfg.method, _train_source), trains=True),),
     summary="Harmful fine-tuning: a task mixed with harmful data, then harmful score and fine-tune accuracy.",

@@ -51,6 +51,7 @@ class Stage:
     resolved config). `reusable`: the pipeline may reuse a finished run of the same resolved config."""
 
     name: str
+    config: type  # the config dataclass: its fields (help, choices) make the CLI options
     resolve_config: Callable[[dict[str, Any]], Any]
     body: Callable[..., None]  # body(run, cfg), or body(run, cfg, prepared) for a stage with `prepare`
     inputs: tuple[Input, ...] = ()

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from realign import dashboards, tracking
-from realign.config import CompareConfig, from_dict, set_dotted
+from realign.config import from_dict, set_dotted
+from realign.stage_configs import CompareConfig
 from realign.errors import RealignError
 from realign.stages.base import Stage, register, run_stage
 
@@ -162,7 +163,7 @@ def compare_body(run: tracking.StageRun, cfg: CompareConfig, prepared: tuple[das
 
 
 COMPARE = register(Stage(
-    "compare", resolve_compare_config, compare_body, reusable=False, prepare=_prepare, run_name="compare",
+    "compare", CompareConfig, resolve_compare_config, compare_body, reusable=False, prepare=_prepare, run_name="compare",
     summary="The seed's tables (markdown on stdout, CSV) and plotly dashboards from an experiment's runs.",
 ))
 

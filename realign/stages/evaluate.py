@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from realign import data, models, tracking
-from realign.config import EvalSettings, EvaluateConfig, resolve_stage_config
+from realign.config import EvalSettings, resolve_stage_config
+from realign.stage_configs import EvaluateConfig
 from realign.errors import RealignError
 from realign.eval.judges import check_judge
 from realign.stages.base import Input, Stage, register, run_stage
@@ -188,7 +189,7 @@ def evaluate_body(run: tracking.StageRun, cfg: EvaluateConfig) -> None:
 
 
 EVALUATE = register(Stage(
-    "evaluate", resolve_evaluate_config, evaluate_body,
+    "evaluate", EvaluateConfig, resolve_evaluate_config, evaluate_body,
     inputs=(Input("run", "model", EVALUATED_STAGES, absent=("", "base")),),
     summary="Harmful score (judged), refusal rate and fine-tune accuracy of a run's model, or of the base.",
     shortcuts={"judge": "eval.judge", "judge_path": "eval.judge_path", "task": "eval.task"},

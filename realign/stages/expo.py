@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from realign import models, tracking
-from realign.config import ExpoConfig, resolve_stage_config
+from realign.config import resolve_stage_config
+from realign.stage_configs import ExpoConfig
 from realign.errors import RealignError
 from realign.ops import expo as expo_ops
 from realign.stages.align import ALIGN_METHODS, get_align_method
@@ -115,7 +116,7 @@ _newest_sft = newest_or_fail("align", lambda cfg: "sft",
                              lambda cfg: "train one with `realign align --method sft`, or pass --sft-run <run id>")
 
 EXPO = register(Stage(
-    "expo", resolve_expo_config, expo_body,
+    "expo", ExpoConfig, resolve_expo_config, expo_body,
     inputs=(
         Input("aligned_run", "aligned", ("align",), default=newest_or_fail(
             "align", lambda cfg: cfg.method,

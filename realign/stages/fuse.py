@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from realign import models, tracking
-from realign.config import FuseConfig, ModelConfig, resolve_stage_config
+from realign.config import ModelConfig, resolve_stage_config
+from realign.stage_configs import FuseConfig
 from realign.errors import RealignError
 from realign.ops import masks as region_files
 from realign.ops import merge as merge_ops
@@ -139,7 +140,7 @@ def fuse_body(run: tracking.StageRun, cfg: FuseConfig) -> None:
 
 
 FUSE = register(Stage(
-    "fuse", resolve_fuse_config, fuse_body,
+    "fuse", FuseConfig, resolve_fuse_config, fuse_body,
     inputs=(Input("finetuned_run", "finetuned", ("attack",)), Input("reference_run", "reference", REFERENCE_STAGES),
             Input("mask_run", "mask", ("score",), absent=("",))),
     summary="Fuse an attacked model with a safety reference (inside a score run's region), evaluated in the same run.",

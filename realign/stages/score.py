@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from realign import data, models, tracking
-from realign.config import ScoreConfig, resolve_stage_config
+from realign.config import resolve_stage_config
+from realign.stage_configs import ScoreConfig
 from realign.errors import RealignError
 from realign.ops import masks
 from realign.ops import neurons
@@ -122,7 +123,7 @@ def score_calibrated(cfg: ScoreConfig, model, base_config, tokenizer, modules, s
 
 
 SCORE = register(Stage(
-    "score", resolve_score_config, score_body,
+    "score", ScoreConfig, resolve_score_config, score_body,
     inputs=(Input("model_run", "model", SCORED_STAGES, absent=("", "base")),),
     summary="Safety-critical weights (SNIP, Wanda, set difference, ActSVD, NLSR's LoRA ActSVD) as masks.",
 ))
