@@ -71,8 +71,9 @@ def child(method: str, model_name: str, nsamples: int, state_budget: float, batc
     import torch
 
     from realign import models
-    from realign.config import ModelConfig, ScoreConfig, from_dict, load_preset
-    from realign.ops import neurons
+    from realign.config import ModelConfig, from_dict, load_preset
+    from realign.stage_configs import ScoreConfig
+    from realign.ops import neurons, selection
     from realign.stages import score as stage
 
     cfg = ScoreConfig(method=method, nsamples=nsamples, sparsity=0.2 if method == "lora_actsvd" else 0.01,
@@ -88,7 +89,7 @@ def child(method: str, model_name: str, nsamples: int, state_budget: float, batc
                                                  init_lora_weights=False))
         model.eval()
     tokenizer = models.load_tokenizer(cfg.model)
-    spec = neurons.METHODS[method]
+    spec = selection.METHODS[method]
     safety = stage.calibration_batches(tokenizer, stage.safety_calibration(cfg), cfg)
     utility = stage.calibration_batches(tokenizer, stage.utility_calibration(cfg), cfg) \
         if spec.uses_utility(stage.score_settings(cfg)) else []
@@ -103,7 +104,7 @@ def child(method: str, model_name: str, nsamples: int, state_budget: float, batc
     settings = stage.score_settings(cfg, base_config.num_attention_heads if cfg.target == "weights" else 0,
                                     int(state_budget * weight_bytes))
     start = time.perf_counter()
-    region = neurons.score_region(method, model, modules, safety, utility, settings)
+    region = selection.score_region(method, model, modules, safety, utility, settings)
     seconds = time.perf_counter() - start
     examples = neurons.count_examples(safety) + neurons.count_examples(utility)
     peak = peak_rss_bytes()
@@ -112,7 +113,8 @@ def child(method: str, model_name: str, nsamples: int, state_budget: float, batc
 
 
 def main() -> None:
-    from realign.config import ScoreConfig, resolve_stage_config
+    from realign.config import resolve_stage_config
+    from realign.stage_configs import ScoreConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")

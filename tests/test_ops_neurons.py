@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from realign import data, models
 from realign.config import DEFAULT_TARGET_MODULES, ModelConfig
 from realign.errors import RealignError
-from realign.ops import masks, neurons
+from realign.ops import masks, neurons, selection
 
 TINY = ModelConfig(name="tiny", source="tiny")
 MAX_LENGTH = 96
@@ -138,7 +138,7 @@ def test_snip_is_weight_times_summed_response_gradient_with_any_number_of_passes
 def test_top_fraction_selection_and_snip_mask_per_matrix(model, batches):
     modules = neurons.find_scored_modules(model, ["q_proj", "down_proj"], "weights")
     expected = _direct_snip(model, modules, batches)
-    region = neurons.score_region("snip", model, modules, batches, [], neurons.ScoreSettings(sparsity=0.05))
+    region = selection.score_region("snip", model, modules, batches, [], selection.ScoreSettings(sparsity=0.05))
     assert region.kind == "neurons" and set(region.tensors) == set(expected)
     for key, score in expected.items():
         _assert_top_mask(region.tensors[key], score, 0.05)
@@ -162,8 +162,8 @@ def test_set_difference_region_is_safety_top_q_minus_utility_top_p(model, tokeni
                               tokenizer.pad_token_id, MAX_LENGTH, 2)
     modules = neurons.find_scored_modules(model, ["o_proj", "up_proj"], "weights")
     safety_inputs, utility_inputs = _response_inputs(model, modules, batches), _response_inputs(model, modules, utility)
-    settings = neurons.ScoreSettings(top_q=0.2, top_p=0.2, difference_score="wanda")
-    region = neurons.score_region("set_difference", model, modules, batches, utility, settings)
+    settings = selection.ScoreSettings(top_q=0.2, top_p=0.2, difference_score="wanda")
+    region = selection.score_region("set_difference", model, modules, batches, utility, settings)
     for scored in modules:
         safety_score = scored.weight.double().abs() * safety_inputs[scored.key].norm(dim=0)
         utility_score = scored.weight.double().abs() * utility_inputs[scored.key].norm(dim=0)
@@ -195,8 +195,8 @@ def test_actsvd_region_with_utility_ranks_is_the_orthogonal_projection(model, to
                               tokenizer.pad_token_id, MAX_LENGTH, 4)
     modules = neurons.find_scored_modules(model, ["q_proj", "gate_proj"], "weights")
     safety_inputs, utility_inputs = _response_inputs(model, modules, batches), _response_inputs(model, modules, utility)
-    settings = neurons.ScoreSettings(safety_rank=3, utility_rank=2)
-    region = neurons.score_region("actsvd", model, modules, batches, utility, settings)
+    settings = selection.ScoreSettings(safety_rank=3, utility_rank=2)
+    region = selection.score_region("actsvd", model, modules, batches, utility, settings)
     assert region.kind == "ranks"
     for scored in modules:
         d_out = scored.weight.shape[0]
@@ -207,7 +207,7 @@ def test_actsvd_region_with_utility_ranks_is_the_orthogonal_projection(model, to
         assert safety_basis.shape == (d_out, 3) and utility_basis.shape == (d_out, 2)
         assert torch.allclose(masks.rank_projection(safety_basis, utility_basis).double(), expected, atol=1e-4)
         assert region.selected[scored.key] == 3 and region.totals[scored.key] == min(scored.weight.shape)
-    plain = neurons.score_region("actsvd", model, modules, batches, [], neurons.ScoreSettings(safety_rank=3))
+    plain = selection.score_region("actsvd", model, modules, batches, [], selection.ScoreSettings(safety_rank=3))
     assert all(plain.tensors[f"{m.key}::utility"].shape == (m.weight.shape[0], 0) for m in modules)
 
 
@@ -220,8 +220,8 @@ def test_lora_actsvd_keeps_top_directions_of_each_lora_matrix_then_its_largest_e
     assert [m.kind for m in modules[:2]] == ["q_proj.lora_A", "q_proj.lora_B"]
     assert modules[0].key == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     inputs = _response_inputs(peft_model, modules, batches)
-    region = neurons.score_region("lora_actsvd", peft_model, modules, batches, [],
-                                  neurons.ScoreSettings(sparsity=0.2, lora_rank_fraction=0.8, lora_sequential=False))
+    region = selection.score_region("lora_actsvd", peft_model, modules, batches, [],
+                                  selection.ScoreSettings(sparsity=0.2, lora_rank_fraction=0.8, lora_sequential=False))
     for scored in modules:
         weight = scored.weight.detach().double()
         kept = int(0.8 * min(weight.shape))
@@ -236,8 +236,8 @@ def test_sequential_lora_actsvd_scores_each_layer_on_the_earlier_layers_already_
     peft_model.eval()
     modules = neurons.find_scored_modules(peft_model, ["q_proj", "down_proj"], "lora")
     original = {m.key: m.weight.detach().clone() for m in modules}
-    region = neurons.score_region("lora_actsvd", peft_model, modules, batches, [],
-                                  neurons.ScoreSettings(sparsity=0.2, lora_rank_fraction=0.8))
+    region = selection.score_region("lora_actsvd", peft_model, modules, batches, [],
+                                  selection.ScoreSettings(sparsity=0.2, lora_rank_fraction=0.8))
     assert all(torch.equal(m.weight, original[m.key]) for m in modules), "the adapter is restored afterwards"
     # By hand, as NLSR's wrapper: for each layer in order, record its matrices' inputs on the model as it is now,
     # project them (W ← U_k U_kᵀ W) after the whole layer is recorded, and go on.
@@ -260,8 +260,8 @@ def test_sequential_lora_actsvd_scores_each_layer_on_the_earlier_layers_already_
     for scored in modules:
         _assert_top_mask(region.tensors[scored.key], expected[scored.key], 0.2)
     later = [m for m in modules if m.layer > min(x.layer for x in modules)]
-    flat = neurons.score_region("lora_actsvd", peft_model, modules, batches, [],
-                                neurons.ScoreSettings(sparsity=0.2, lora_rank_fraction=0.8, lora_sequential=False))
+    flat = selection.score_region("lora_actsvd", peft_model, modules, batches, [],
+                                selection.ScoreSettings(sparsity=0.2, lora_rank_fraction=0.8, lora_sequential=False))
     assert any(not torch.equal(flat.tensors[m.key], region.tensors[m.key]) for m in later), \
         "the projected earlier layers change what the later layers see"
 
@@ -276,8 +276,8 @@ def test_row_comparison_selects_the_top_fraction_of_each_output_row():
 
 def test_wanda_per_row_keeps_the_same_count_in_every_row(model, batches):
     modules = neurons.find_scored_modules(model, ["q_proj"], "weights")
-    region = neurons.score_region("wanda", model, modules, batches, [],
-                                  neurons.ScoreSettings(sparsity=0.25, comparison="row"))
+    region = selection.score_region("wanda", model, modules, batches, [],
+                                  selection.ScoreSettings(sparsity=0.25, comparison="row"))
     for scored in modules:
         counts = region.tensors[scored.key].sum(dim=1)
         assert torch.all(counts == int(0.25 * scored.weight.shape[1]))
@@ -288,8 +288,8 @@ def test_head_sums_are_each_heads_q_rows_and_o_columns(model, batches):
     num_heads = model.config.num_attention_heads
     head_dim = model.config.hidden_size // num_heads
     inputs = _response_inputs(model, modules, batches)
-    region = neurons.score_region("wanda", model, modules, batches, [],
-                                  neurons.ScoreSettings(sparsity=0.1, num_heads=num_heads))
+    region = selection.score_region("wanda", model, modules, batches, [],
+                                  selection.ScoreSettings(sparsity=0.1, num_heads=num_heads))
     assert set(region.heads) == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
     for layer in (0, 1):
         scores = {}
@@ -326,16 +326,16 @@ def test_removals_undo_and_random_selections_match_the_size():
     weight = torch.randn(6, 5, generator=generator)
     original = weight.clone()
     mask = torch.rand(6, 5, generator=generator) > 0.6
-    undo = neurons.zero_masked(weight, mask)
+    undo = selection.zero_masked(weight, mask)
     assert bool((weight[mask] == 0).all()) and torch.equal(weight[~mask], original[~mask])
     undo()
     assert torch.equal(weight, original)
-    random_mask = neurons.random_like_mask(mask, generator)
+    random_mask = selection.random_like_mask(mask, generator)
     assert random_mask.sum() == mask.sum() and not torch.equal(random_mask, mask)
 
-    basis = neurons.random_basis(6, 2, generator)
+    basis = selection.random_basis(6, 2, generator)
     assert torch.allclose(basis.T @ basis, torch.eye(2), atol=1e-6)
-    undo = neurons.remove_rank_region(weight, basis, basis)
+    undo = selection.remove_rank_region(weight, basis, basis)
     assert torch.allclose(weight, original - basis @ basis.T @ original, atol=1e-6)
     assert torch.allclose(basis.T @ weight, torch.zeros(2, 5), atol=1e-6), "no component left in those directions"
     undo()
@@ -350,10 +350,10 @@ def test_passes_group_whole_layers_within_the_budget(model):
 
 
 def test_registry_names_each_method_once_with_its_region_kind():
-    assert list(neurons.METHODS) == ["snip", "wanda", "set_difference", "actsvd", "lora_actsvd"]
-    for method in neurons.METHODS.values():
+    assert list(selection.METHODS) == ["snip", "wanda", "set_difference", "actsvd", "lora_actsvd"]
+    for method in selection.METHODS.values():
         assert method.kind in masks.KINDS and set(method.targets) <= set(neurons.TARGETS)
-    assert neurons.METHODS["actsvd"].uses_utility(neurons.ScoreSettings(utility_rank=2))
-    assert not neurons.METHODS["actsvd"].uses_utility(neurons.ScoreSettings(utility_rank=0))
+    assert selection.METHODS["actsvd"].uses_utility(selection.ScoreSettings(utility_rank=2))
+    assert not selection.METHODS["actsvd"].uses_utility(selection.ScoreSettings(utility_rank=0))
     with pytest.raises(RealignError, match="unknown scoring method 'magnitude'"):
-        neurons.get_method("magnitude")
+        selection.get_method("magnitude")

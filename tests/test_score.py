@@ -17,7 +17,7 @@ from realign import models, tracking
 from realign.cli import main
 from realign.config import ModelConfig
 from realign.errors import RealignError
-from realign.ops import masks, neurons
+from realign.ops import masks, selection
 from realign.stages.align import run_align
 from realign.stages.expo import run_expo
 from realign.stages.score import run_score
@@ -253,15 +253,15 @@ def _hand_logged_align_run(tmp_path):
 def _broken_method(monkeypatch):
     """A registered method whose masks do not fit the model (one row short)."""
     def select(method, model, modules, safety, utility, settings):
-        region = neurons.Selection("neurons")
+        region = selection.Selection("neurons")
         for scored in modules:
             region.tensors[scored.key] = torch.zeros(scored.weight.shape[0] - 1, scored.weight.shape[1],
                                                      dtype=torch.bool)
             region.selected[scored.key], region.totals[scored.key] = 0, scored.weight.numel()
         return region
 
-    broken = neurons.ScoreMethod("broken", "neurons", ("weights",), lambda settings: False, "wrong shapes", select)
-    monkeypatch.setattr(neurons.METHODS, "_entries", {**neurons.METHODS._entries, "broken": broken})
+    broken = selection.ScoreMethod("broken", "neurons", ("weights",), lambda settings: False, "wrong shapes", select)
+    monkeypatch.setattr(selection.METHODS, "_entries", {**selection.METHODS._entries, "broken": broken})
 
 
 @pytest.mark.parametrize(

@@ -77,14 +77,27 @@ def check_region_shapes(tensors: Mapping[str, torch.Tensor], kind: str,
             raise ValueError(f"basis {key!r} spans {tensor.shape[0]} outputs, the parameter has {shape[0]}")
 
 
-def rank_projection(safety_basis: torch.Tensor, utility_basis: torch.Tensor) -> torch.Tensor:
-    """P = (I − U_u U_uᵀ) U_s U_sᵀ (d_out × d_out): the safety directions of a weight outside its utility ones."""
+def projection_factor(safety_basis: torch.Tensor, utility_basis: torch.Tensor) -> torch.Tensor:
+    """L = (I − U_u U_uᵀ) U_s (d_out × r_s, float32): the ActSVD rank region is P = L U_sᵀ, the safety directions
+    of a weight outside its utility ones. The one projection helper: P, its factors and its rank come from here."""
     us = safety_basis.to(torch.float32)
     uu = utility_basis.to(torch.float32)
-    safety_proj = us @ us.T
     if uu.shape[1] == 0:
-        return safety_proj
-    return safety_proj - uu @ (uu.T @ safety_proj)
+        return us
+    return us - uu @ (uu.T @ us)
+
+
+def rank_projection(safety_basis: torch.Tensor, utility_basis: torch.Tensor) -> torch.Tensor:
+    """P = (I − U_u U_uᵀ) U_s U_sᵀ (d_out × d_out)."""
+    return projection_factor(safety_basis, utility_basis) @ safety_basis.to(torch.float32).T
+
+
+def projection_rank(safety_basis: torch.Tensor, utility_basis: torch.Tensor, tolerance: float = 1e-4) -> int:
+    """Rank of P: the safety directions left outside the utility subspace."""
+    if utility_basis.shape[1] == 0:
+        return safety_basis.shape[1]
+    outside = projection_factor(safety_basis.double(), utility_basis.double())
+    return int((torch.linalg.svdvals(outside.double()) > tolerance).sum())
 
 
 def selected_fraction(mask: torch.Tensor) -> float:

@@ -26,7 +26,7 @@ from realign.config import resolve_stage_config
 from realign.stage_configs import ScoreConfig
 from realign.errors import RealignError
 from realign.ops import masks
-from realign.ops import neurons
+from realign.ops import neurons, selection
 from realign.eval.judges import check_judge
 from realign.stages.base import Input, Stage, register, run_stage
 from realign.stages.evaluate import evaluate_model
@@ -37,16 +37,16 @@ SANITY_VARIANTS = ("zeroed_selected", "zeroed_random")
 
 def resolve_score_config(overrides: dict[str, Any]) -> ScoreConfig:
     cfg = resolve_stage_config(ScoreConfig, "score", overrides.get("recipe") or "default", overrides)
-    if cfg.method not in neurons.METHODS:
-        raise RealignError(f"unknown scoring method {cfg.method!r}", f"use one of: {', '.join(neurons.METHODS)}")
-    method = neurons.METHODS[cfg.method]
+    if cfg.method not in selection.METHODS:
+        raise RealignError(f"unknown scoring method {cfg.method!r}", f"use one of: {', '.join(selection.METHODS)}")
+    method = selection.METHODS[cfg.method]
     if cfg.target not in method.targets:
         other = "lora" if cfg.target == "weights" else "weights"
         raise RealignError(f"method {cfg.method} does not score target={cfg.target}",
                            f"pass --target {other}, or a method that scores {cfg.target}")
-    if cfg.difference_score not in neurons.ELEMENTWISE_SCORES:
+    if cfg.difference_score not in selection.ELEMENTWISE_SCORES:
         raise RealignError(f"difference_score={cfg.difference_score!r} is not one of "
-                           f"{', '.join(neurons.ELEMENTWISE_SCORES)}", "pass --difference_score snip or wanda")
+                           f"{', '.join(selection.ELEMENTWISE_SCORES)}", "pass --difference_score snip or wanda")
     if cfg.data.utility != "benign" and cfg.data.utility not in data.TASKS:
         raise RealignError(f"data.utility={cfg.data.utility!r} is neither benign nor a task",
                            f"use benign or one of: {', '.join(data.TASKS)}")
@@ -55,11 +55,11 @@ def resolve_score_config(overrides: dict[str, Any]) -> ScoreConfig:
     return cfg
 
 
-def score_settings(cfg: ScoreConfig, num_heads: int = 0, state_budget_bytes: int = 0) -> neurons.ScoreSettings:
-    return neurons.ScoreSettings(
+def score_settings(cfg: ScoreConfig, num_heads: int = 0, state_budget_bytes: int = 0) -> selection.ScoreSettings:
+    return selection.ScoreSettings(
         sparsity=cfg.sparsity, top_q=cfg.top_q, top_p=cfg.top_p, difference_score=cfg.difference_score,
         safety_rank=cfg.rank, utility_rank=cfg.utility_rank, lora_rank_fraction=cfg.lora_rank_fraction,
-        lora_sequential=cfg.lora_sequential, comparison=cfg.comparison, num_heads=num_heads, state_budget_bytes=state_budget_bytes or neurons.ScoreSettings.state_budget_bytes)
+        lora_sequential=cfg.lora_sequential, comparison=cfg.comparison, num_heads=num_heads, state_budget_bytes=state_budget_bytes or selection.ScoreSettings.state_budget_bytes)
 
 
 @dataclass
@@ -74,7 +74,7 @@ class ScoredWeights:
 
 def score_body(run: tracking.StageRun, cfg: ScoreConfig) -> None:
     """Score one run's weights (or the base model's), log the region, and check it by removing it."""
-    method = neurons.METHODS[cfg.method]
+    method = selection.METHODS[cfg.method]
     run.set_name(f"score/{cfg.method}")
     run.set_tags({tracking.TAG_METHOD: cfg.method})
     weights = resolve_weights(cfg, run)
@@ -116,7 +116,7 @@ def score_calibrated(cfg: ScoreConfig, model, base_config, tokenizer, modules, s
     num_heads = base_config.num_attention_heads if cfg.target == "weights" else 0
     settings = score_settings(cfg, num_heads, int(cfg.state_budget * weight_bytes))
     start = time.perf_counter()
-    region = neurons.score_region(cfg.method, model, modules, safety, utility, settings)
+    region = selection.score_region(cfg.method, model, modules, safety, utility, settings)
     seconds = time.perf_counter() - start
     check_region(region.tensors, region.kind, modules, f"method {cfg.method}")
     return region, seconds, neurons.count_examples(safety) + neurons.count_examples(utility)
@@ -275,7 +275,7 @@ def check_region(tensors: dict, kind: str, modules: list[neurons.ScoredModule], 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def write_region(run: tracking.StageRun, method: str, region: neurons.Selection, metadata: dict[str, str]) -> Path:
+def write_region(run: tracking.StageRun, method: str, region: selection.Selection, metadata: dict[str, str]) -> Path:
     """masks/<method>.safetensors (+ masks/<method>.heads.safetensors) in the run; the local path of the first."""
     folder = run.workdir / "masks"
     path = masks.save_region(folder / f"{method}.safetensors", region.tensors, region.kind, metadata)
@@ -285,12 +285,12 @@ def write_region(run: tracking.StageRun, method: str, region: neurons.Selection,
     return path
 
 
-def selection_table(region: neurons.Selection, modules: list[neurons.ScoredModule]) -> dict[tuple[int, str], float]:
+def selection_table(region: selection.Selection, modules: list[neurons.ScoredModule]) -> dict[tuple[int, str], float]:
     """(layer, module kind) -> fraction selected (neurons: entries; ranks: ranks of min(d_out, d_in))."""
     return {(m.layer, m.kind): region.selected[m.key] / max(region.totals[m.key], 1) for m in modules}
 
 
-def log_selection(run: tracking.StageRun, region: neurons.Selection, modules: list[neurons.ScoredModule]) -> None:
+def log_selection(run: tracking.StageRun, region: selection.Selection, modules: list[neurons.ScoredModule]) -> None:
     """Selected fraction per layer, per module kind and overall, the count, and a layers × modules heat map."""
     import plotly.graph_objects as go
 
@@ -366,15 +366,15 @@ def _removals(tensors: dict, kind: str, modules: list[neurons.ScoredModule], var
         if kind == "neurons":
             mask = tensors[scored.key]
             if variant == "zeroed_random":
-                mask = neurons.random_like_mask(mask, generator)
-            yield scored, lambda w, m=mask: neurons.zero_masked(w, m)
+                mask = selection.random_like_mask(mask, generator)
+            yield scored, lambda w, m=mask: selection.zero_masked(w, m)
         else:
             safety_basis = tensors[f"{scored.key}{masks.BASIS_SEPARATOR}safety"]
             utility_basis = tensors[f"{scored.key}{masks.BASIS_SEPARATOR}utility"]
             if variant == "zeroed_random":
-                rank = neurons.projection_rank(safety_basis, utility_basis)
-                basis = neurons.random_basis(safety_basis.shape[0], rank, generator)
-                yield scored, lambda w, b=basis: neurons.remove_rank_region(w, b, b)
+                rank = masks.projection_rank(safety_basis, utility_basis)
+                basis = selection.random_basis(safety_basis.shape[0], rank, generator)
+                yield scored, lambda w, b=basis: selection.remove_rank_region(w, b, b)
             else:
-                left = neurons.rank_region_factor(safety_basis, utility_basis)
-                yield scored, lambda w, lf=left, b=safety_basis: neurons.remove_rank_region(w, lf, b)
+                left = masks.projection_factor(safety_basis, utility_basis)
+                yield scored, lambda w, lf=left, b=safety_basis: selection.remove_rank_region(w, lf, b)
