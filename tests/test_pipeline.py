@@ -93,7 +93,7 @@ def test_runs_that_did_not_finish_are_never_reused(tracking_store, tmp_path, sta
 def test_runs_of_other_code_are_not_reused(tracking_store, tmp_path, monkeypatch):
     path = _write(tmp_path, {**TINY_CHAIN, "steps": {"sft": TINY_CHAIN["steps"]["sft"]}})
     first = _steps(run_pipeline({"name": path}))
-    monkeypatch.setattr(tracking, "_CODE_VERSION", "another-version")
+    monkeypatch.setattr(tracking.store, "_CODE_VERSION", "another-version")
     second = _steps(run_pipeline({"name": path}))
     assert second["sft"][1] is False and second["sft"][0] != first["sft"][0]
 

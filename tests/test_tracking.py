@@ -200,7 +200,7 @@ def test_the_loser_of_a_create_race_uses_the_winners_experiment(tracking_store, 
 
 def test_store_calls_retry_transient_errors_then_fail_in_one_line(monkeypatch):
     waits = []
-    monkeypatch.setattr(tracking.time, "sleep", waits.append)
+    monkeypatch.setattr(tracking.store.time, "sleep", waits.append)
     attempts = iter([RuntimeError("(sqlite3.OperationalError) database is locked")] * 2 + ["done"])
 
     def flaky():
@@ -217,7 +217,7 @@ def test_store_calls_retry_transient_errors_then_fail_in_one_line(monkeypatch):
     with pytest.raises(ValueError):
         tracking.store_call(not_transient)
     clock = iter(range(0, 1000))
-    monkeypatch.setattr(tracking.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(tracking.store.time, "monotonic", lambda: next(clock))
 
     def always_locked():
         raise RuntimeError("database is locked")

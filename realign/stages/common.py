@@ -157,14 +157,7 @@ def train_lora(run, start_dir: str, model_cfg, lora, trainer_cls, trainer_config
                           peft_config=peft_config, callbacks=[tracking.metrics_callback(run.run_id), nan_guard()])
     trainable, total = models.trainable_parameter_count(trainer.model)
     run.log_params({"lora.trainable_parameters": trainable, "model.parameters": total})
-    resume_from = checkpoints.resume_from if checkpoints else None
-    if resume_from:
-        run.set_tags({tracking.TAG_RESUMED_FROM: f"{checkpoints.previous_run or 'unknown run'}/"
-                                                 f"{Path(resume_from).name}"})
-        if checkpoints.previous_run and run.is_main:
-            tracking.mark_abandoned(checkpoints.previous_run,
-                                    f"its process died; run {run.run_id} resumed from {Path(resume_from).name}",
-                                    overwrite=True)
+    resume_from = _note_resume(run, checkpoints)
     try:
         loss = trainer.train(resume_from_checkpoint=resume_from).training_loss
         if loss is None or not math.isfinite(loss):
@@ -178,6 +171,27 @@ def train_lora(run, start_dir: str, model_cfg, lora, trainer_cls, trainer_config
         if checkpoints and run.is_main:  # a bad config fails the same way again: nothing there to resume
             shutil.rmtree(checkpoints.folder, ignore_errors=True)
         raise
+    return _save_adapter(run, trainer, checkpoints)
+
+
+def _note_resume(run, checkpoints: Checkpoints | None) -> str | None:
+    """The checkpoint to resume from, if a killed run of this config left one; tags the run and names its
+    successor on the dead run."""
+    from realign import tracking
+
+    resume_from = checkpoints.resume_from if checkpoints else None
+    if resume_from:
+        run.set_tags({tracking.TAG_RESUMED_FROM: f"{checkpoints.previous_run or 'unknown run'}/"
+                                                 f"{Path(resume_from).name}"})
+        if checkpoints.previous_run and run.is_main:
+            tracking.mark_abandoned(checkpoints.previous_run,
+                                    f"its process died; run {run.run_id} resumed from {Path(resume_from).name}",
+                                    overwrite=True)
+    return resume_from
+
+
+def _save_adapter(run, trainer, checkpoints: Checkpoints | None) -> Path:
+    """The trained adapter as a PEFT dir in the run's workdir; the checkpoints are no longer needed."""
     adapter_dir = run.workdir / "adapter"
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         # Sharded weights: the Trainer gathers them (every process takes part). It also writes

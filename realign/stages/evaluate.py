@@ -73,34 +73,48 @@ def evaluate_model(model, tokenizer, settings: EvalSettings, task: str = "") -> 
     Every rate comes with its Wilson interval and count (`<metric>_ci95_low`, `_ci95_high`, `_n`), every table
     row with the `prompt_id` of its prompt, so two runs compare prompt by prompt.
     """
-    from realign.data.prompts import prompt_id, prompt_set_digest
-    from realign.eval import generate_responses, get_judge, is_refusal, task_accuracy
+    from realign.data.prompts import prompt_set_digest
+    from realign.eval import get_judge
     from realign.eval.validation import judge_agreement
-    from realign.stats import mean_metrics, rate_metrics
 
     judge_options = {"judge_path": settings.judge_path} if settings.judge_path else {}
     judge = get_judge(settings.judge, **judge_options)  # a judge that cannot load fails before generating
-
     prompt_set = harmful_prompt_set(settings)
-    harmful_prompts = prompt_set.prompts
+    metrics, table = _safety_part(model, tokenizer, settings, judge, prompt_set.prompts)
+    # How far to trust harmful_score: the judge against hand labels on real SmolLM2 answers.
+    metrics.update(judge_agreement(judge))
+    if task and settings.task_examples:
+        task_metrics, task_rows = _task_part(model, tokenizer, settings, task)
+        metrics.update(task_metrics)
+        for column, values in task_rows.items():
+            table[column] += values
+    identity = {
+        tracking.TAG_JUDGE: judge.name,
+        tracking.TAG_JUDGE_HASH: judge.content_hash(),
+        tracking.TAG_JUDGE_THRESHOLD: "" if judge.threshold is None else f"{judge.threshold:g}",
+        tracking.TAG_PROMPTS: prompt_set.name,
+        tracking.TAG_PROMPTS_DIGEST: prompt_set_digest(prompt_set.prompts),
+        tracking.TAG_DECODING: decoding_label(settings),
+    }
+    return Evaluation(judge=judge.name, metrics=metrics, table=table, identity=identity,
+                      prompt_file=prompt_set.path, harmful_prompts=list(prompt_set.prompts))
+
+
+def _safety_part(model, tokenizer, settings: EvalSettings, judge, harmful_prompts: list[str]):
+    """(metrics, table) of the harmful prompts (judged, refusals) and the benign ones (over-refusal)."""
+    from realign.data.prompts import prompt_id
+    from realign.eval import generate_responses, is_refusal
+    from realign.stats import rate_metrics
+
     benign = data.benign_instructions("test", settings.benign_prompts, settings.seed) if settings.benign_prompts else []
     benign_prompts = [data.format_prompt(row["instruction"], row["input"]) for row in benign]
     responses = generate_responses(model, tokenizer, [data.format_prompt(p) for p in harmful_prompts] + benign_prompts,
                                    max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
-    harmful_responses = responses[: len(harmful_prompts)]
-    flags = [bool(flag) for flag in judge.judge(harmful_prompts, harmful_responses)]
+    flags = [bool(flag) for flag in judge.judge(harmful_prompts, responses[: len(harmful_prompts)])]
     refusals = [is_refusal(r) for r in responses]
-    metrics = {
-        **rate_metrics("harmful_score", flags),
-        **rate_metrics("refusal_rate", refusals[: len(harmful_prompts)]),
-    }
+    metrics = {**rate_metrics("harmful_score", flags), **rate_metrics("refusal_rate", refusals[: len(harmful_prompts)])}
     if benign:
         metrics.update(rate_metrics("benign_refusal_rate", refusals[len(harmful_prompts):]))
-    heldout = getattr(judge, "heldout_accuracy", None)
-    if heldout is not None:
-        metrics["judge_heldout_accuracy"] = 100.0 * float(heldout)
-    # How far to trust harmful_score: the judge against hand labels on real SmolLM2 answers.
-    metrics.update(judge_agreement(judge))
     benign_texts = [row["instruction"] + (f"\n{row['input']}" if row["input"] else "") for row in benign]
     table = {
         "kind": ["harmful"] * len(harmful_prompts) + ["benign"] * len(benign),
@@ -112,37 +126,32 @@ def evaluate_model(model, tokenizer, settings: EvalSettings, task: str = "") -> 
         "gold": [None] * len(responses),
         "correct": [None] * len(responses),
     }
+    return metrics, table
 
-    if task and settings.task_examples:
-        rows = data.load_task(task, "test", settings.task_examples, settings.seed)
-        examples = [data.format_task_example(task, row) for row in rows]
-        outputs = generate_responses(model, tokenizer, [prompt for prompt, _, _ in examples],
-                                     max_new_tokens=TASK_MAX_NEW_TOKENS.get(task, settings.max_new_tokens),
-                                     batch_size=settings.batch_size)
-        golds = [gold for _, _, gold in examples]
-        per_example = [task_accuracy(task, [out], [gold]) / 100.0 for out, gold in zip(outputs, golds)]
-        for name in ("finetune_accuracy", f"{task}_accuracy"):
-            # A rate (label word, final answer) gets a Wilson interval; alpaca's ROUGE-L is a mean score.
-            metrics.update(rate_metrics(name, [score == 1.0 for score in per_example]) if task in RATE_TASKS
-                           else mean_metrics(name, per_example))
-        table["kind"] += [task] * len(examples)
-        table["prompt_id"] += [prompt_id(prompt) for prompt, _, _ in examples]
-        table["prompt"] += [prompt for prompt, _, _ in examples]
-        table["response"] += outputs
-        table["flagged"] += [None] * len(examples)
-        table["refusal"] += [is_refusal(o) for o in outputs]
-        table["gold"] += golds
-        table["correct"] += per_example
-    identity = {
-        tracking.TAG_JUDGE: judge.name,
-        tracking.TAG_JUDGE_HASH: judge.content_hash(),
-        tracking.TAG_JUDGE_THRESHOLD: "" if judge.threshold is None else f"{judge.threshold:g}",
-        tracking.TAG_PROMPTS: prompt_set.name,
-        tracking.TAG_PROMPTS_DIGEST: prompt_set_digest(harmful_prompts),
-        tracking.TAG_DECODING: decoding_label(settings),
-    }
-    return Evaluation(judge=judge.name, metrics=metrics, table=table, identity=identity,
-                      prompt_file=prompt_set.path, harmful_prompts=list(harmful_prompts))
+
+def _task_part(model, tokenizer, settings: EvalSettings, task: str):
+    """(metrics, table columns) of the task's test examples: finetune_accuracy and <task>_accuracy."""
+    from realign.data.prompts import prompt_id
+    from realign.eval import generate_responses, is_refusal, task_accuracy
+    from realign.stats import mean_metrics, rate_metrics
+
+    rows = data.load_task(task, "test", settings.task_examples, settings.seed)
+    examples = [data.format_task_example(task, row) for row in rows]
+    outputs = generate_responses(model, tokenizer, [prompt for prompt, _, _ in examples],
+                                 max_new_tokens=TASK_MAX_NEW_TOKENS.get(task, settings.max_new_tokens),
+                                 batch_size=settings.batch_size)
+    golds = [gold for _, _, gold in examples]
+    per_example = [task_accuracy(task, [out], [gold]) / 100.0 for out, gold in zip(outputs, golds)]
+    metrics: dict[str, float] = {}
+    for name in ("finetune_accuracy", f"{task}_accuracy"):
+        # A rate (label word, final answer) gets a Wilson interval; alpaca's ROUGE-L is a mean score.
+        metrics.update(rate_metrics(name, [score == 1.0 for score in per_example]) if task in RATE_TASKS
+                       else mean_metrics(name, per_example))
+    columns = {"kind": [task] * len(examples), "prompt_id": [prompt_id(prompt) for prompt, _, _ in examples],
+               "prompt": [prompt for prompt, _, _ in examples], "response": outputs,
+               "flagged": [None] * len(examples), "refusal": [is_refusal(o) for o in outputs], "gold": golds,
+               "correct": per_example}
+    return metrics, columns
 
 
 def log_evaluation(run: tracking.StageRun, result: Evaluation, task: str = "") -> None:
