@@ -146,6 +146,11 @@ class EvalSettings:
     seed: int = 0
 
     def validate(self) -> None:
+        from realign.data.tasks import check_task
+        from realign.eval.judges import check_judge
+
+        check_judge(self.judge)
+        check_task(self.task)
         _check_positive("eval.num_prompts", self.num_prompts)
         _check_positive("eval.max_new_tokens", self.max_new_tokens)
         _check_positive("eval.batch_size", self.batch_size)

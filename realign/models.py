@@ -358,6 +358,17 @@ def load_model(model_cfg: Any, adapters: Sequence[str | Path] = (), trainable: b
     return model.to(device or default_device())
 
 
+# What a transformers model dir holds besides its weights and tokenizer.
+MODEL_METADATA_FILES = ("config.json", "generation_config.json")
+
+
+def copy_model_metadata(source_dir: str | Path, out_dir: str | Path) -> None:
+    """config.json and generation_config.json (when there) from `source_dir`, for weights written another way."""
+    for name in MODEL_METADATA_FILES:
+        if (Path(source_dir) / name).is_file():
+            shutil.copyfile(Path(source_dir) / name, Path(out_dir) / name)
+
+
 def materialize_merged(model_cfg: Any, adapters: Sequence[str | Path], out_dir: str | Path) -> str:
     """Base + adapters merged and saved (safetensors + tokenizer) to ``out_dir``, for a trainer to load fresh.
 

@@ -88,7 +88,7 @@ def test_invalid_yaml_is_reported(tmp_path):
 def test_every_family_is_one_registry_shape_with_one_line_for_an_unknown_name():
     from realign.eval.judges import JUDGES
     from realign.ops.merge import MERGE_METHODS
-    from realign.ops.neurons import METHODS
+    from realign.ops.selection import METHODS
     from realign.registry import Registry
     from realign.stages.align import ALIGN_METHODS
 

@@ -98,3 +98,32 @@ def test_scale_lora_factors_is_the_seed_code_on_every_tensor():
     assert torch.allclose(delta, torch.tensor([[9.72, 19.44], [-3.24, -6.48]]))
     with pytest.raises(ValueError, match="not a LoRA A/B matrix"):
         expo.scale_lora_factors({**state, f"{PREFIX}.lora_magnitude_vector.default.weight": torch.ones(2)}, 1.8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_expo_plan_is_the_extrapolation_formula(tmp_path, dtype):
+    """The stage's merged mode streams `fusion_plan(α)` over safetensors files, in small row chunks; the result is
+    θ_aligned + α(θ_aligned − θ_sft) (to float32 rounding: (1 + α)-scaling and α-adding round differently)."""
+    from safetensors.torch import load_file, save_file
+
+    from realign.ops import streaming
+
+    gen = torch.Generator().manual_seed(0)
+    sft = {"w": torch.randn(7, 5, generator=gen).to(dtype), "b": torch.randn(5, generator=gen).to(dtype),
+           "ids": torch.arange(4)}
+    aligned = {name: (t + 0.01 * torch.randn(t.shape, generator=gen)).to(dtype) if t.is_floating_point() else t
+               for name, t in sft.items()}
+    for name, state in (("aligned", aligned), ("sft", sft)):
+        (tmp_path / name).mkdir()
+        save_file(state, str(tmp_path / name / "model.safetensors"))
+    with streaming.WeightFiles(tmp_path / "aligned") as a, streaming.WeightFiles(tmp_path / "sft") as s:
+        streaming.stream_fusion(expo.fusion_plan(0.9), streaming.StreamInputs(a, s, base=s), tmp_path / "out",
+                                chunk_elements=10)
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    expected = expo.extrapolate(aligned, sft, 0.9)
+    assert set(out) == set(expected)
+    for name, tensor in expected.items():
+        assert out[name].dtype == tensor.dtype, name
+        step = 1e-6 if dtype == torch.float32 else 2e-2  # one bfloat16 step at |θ| ≈ 2
+        torch.testing.assert_close(out[name], tensor, atol=step, rtol=0)
+    assert torch.equal(out["ids"], sft["ids"]), "integer tensors are copied"

@@ -399,3 +399,11 @@ def load_task(task: str, split: str, n: int, seed: int, source: str = "builtin")
                            f"use source='builtin', 'hub' or one of {', '.join(spec.hub_ids)}")
     check_split(split)
     return hub.load_hub_dataset(hub_id, split, n, seed)
+
+
+def check_task(task: str) -> None:
+    """One line for a task name that is not one of TASKS ("" = no task)."""
+    from realign.errors import RealignError
+
+    if task and task not in TASKS:
+        raise RealignError(f"unknown task {task!r}", f"use one of: {', '.join(TASKS)}")

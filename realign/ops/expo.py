@@ -7,7 +7,9 @@ Two exact ways to compute it, depending on how the aligned model was built:
   multiplying lora_B alone by (1 + α) multiplies ΔW by (1 + α), so the result is again a LoRA adapter on the SFT
   model: `scale_lora_update(adapter, 1 + alpha)`.
 - **Independent models** (e.g. both adapters trained on the base, θ = θ_0 + ΔW): θ_expo = θ_0 + (1 + α)·ΔW_aligned
-  − α·ΔW_sft, computed on the merged weights with `extrapolate(aligned_state, sft_state, alpha)`.
+  − α·ΔW_sft, computed on the merged weights. The stage streams it as task arithmetic (`fusion_plan`:
+  θ_sft + (1 + α)(θ_aligned − θ_sft), base θ_sft, λ = 1 + α) tensor by tensor over safetensors files, never
+  holding a whole model; `extrapolate(aligned_state, sft_state, alpha)` is the same formula on state dicts.
 
 The seed's form (`expo.form: seed`): the NLSR seed code (`src/expo-lora.py`) multiplies every LoRA tensor, A and
 B alike, by 2α (`p = α·p + α·p`). That scales ΔW by (2α)² = 4α², not by (1 + α): at α = 0.9 the update grows 3.24×
@@ -22,6 +24,8 @@ from __future__ import annotations
 from typing import Mapping, TypeVar
 
 import torch
+
+from realign.ops.merge import FusionPlan, MergeParams, get_merge_method
 
 Weights = TypeVar("Weights", torch.Tensor, Mapping[str, torch.Tensor])
 
@@ -87,3 +91,10 @@ def scale_lora_update(adapter_state: Mapping[str, torch.Tensor], factor: float) 
     if not any(".lora_B." in n or ".lora_embedding_B" in n for n in scaled):
         raise ValueError("the adapter holds no lora_B tensors")
     return scaled
+
+
+def fusion_plan(alpha: float) -> FusionPlan:
+    """EXPO on full weights as a fusion plan for (fine-tuned, reference) = (θ_aligned, θ_sft) on the base θ_sft:
+    task arithmetic with weights (1, 0) and λ = 1 + α gives θ_sft + (1 + α)(θ_aligned − θ_sft)
+    = θ_aligned + α(θ_aligned − θ_sft). Float32 inside, cast back to θ_aligned's dtype, as `extrapolate`."""
+    return FusionPlan(get_merge_method("task_arithmetic"), MergeParams(weights=(1.0, 0.0), scale=1.0 + alpha))

@@ -17,7 +17,6 @@ from realign.stage_configs import AlignConfig
 from realign.registry import Registry
 from realign.stages.base import Input, Stage, inherited_overrides, newest_or_train, register, run_stage
 from realign.stages.common import plan_checkpoints, train_lora, trainer_arguments
-from realign.eval.judges import check_judge
 from realign.stages.evaluate import evaluate_and_log
 
 
@@ -86,7 +85,6 @@ def resolve_align_config(overrides: dict[str, Any]) -> AlignConfig:
     recipe = overrides.get("recipe") or method
     cfg = resolve_stage_config(AlignConfig, "align", recipe, overrides)
     get_align_method(cfg.method)
-    check_judge(cfg.eval.judge)
     return cfg
 
 

@@ -17,8 +17,8 @@ from realign.stage_configs import AttackConfig
 from realign.errors import RealignError
 from realign.stages.base import Input, Stage, inherited_overrides, newest_or_train, register, run_stage
 from realign.stages.common import plan_checkpoints, train_lora, trainer_arguments
-from realign.eval.judges import check_judge
-from realign.stages.evaluate import check_task, evaluate_and_log
+from realign.data.tasks import check_task
+from realign.stages.evaluate import evaluate_and_log
 
 SOURCE_STAGES = ("align", "expo")
 
@@ -26,8 +26,6 @@ SOURCE_STAGES = ("align", "expo")
 def resolve_attack_config(overrides: dict[str, Any]) -> AttackConfig:
     cfg = resolve_stage_config(AttackConfig, "attack", overrides.get("recipe") or "default", overrides)
     check_task(cfg.task)
-    check_task(cfg.eval.task)
-    check_judge(cfg.eval.judge)
     from realign.stages.align import get_align_method
 
     get_align_method(cfg.method)

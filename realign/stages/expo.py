@@ -7,8 +7,9 @@ Inputs are two align runs by id: the aligned one (dpo, orpo, kto, simpo) and the
   chain followed by the SFT run). Then θ_expo = θ_sft + (1 + α)·ΔW_aligned: the aligned adapter with lora_B × (1 + α),
   logged under `adapter/` with the same `realign.adapter_base`, so attack and evaluate use it like any align run.
 - ``merged``: any other pair (e.g. both adapters trained on the base). θ_expo is computed on the merged weights of
-  the two models and logged as a full transformers model under `model/` (config.json + model.safetensors +
-  tokenizer); `realign.output` says which of the two a run holds.
+  the two models, streamed tensor by tensor as task arithmetic (base θ_sft, λ = 1 + α; the fuse stage's streaming
+  fusion, so no whole model is held in memory), and logged as a full transformers model under `model/`
+  (config.json + model.safetensors + tokenizer); `realign.output` says which of the two a run holds.
 
 `alpha` may be a list: one parent run (`expo/<method>/sweep`) with one child run per α, so the UI can plot
 harmful score against α. Every input is checked before any model is loaded.
@@ -27,10 +28,10 @@ from realign.config import resolve_stage_config
 from realign.stage_configs import ExpoConfig
 from realign.errors import RealignError
 from realign.ops import expo as expo_ops
+from realign.ops import streaming as streaming_ops
 from realign.stages.align import ALIGN_METHODS, get_align_method
-from realign.eval.judges import check_judge
 from realign.stages.base import Input, Stage, newest_or_fail, register, run_stage
-from realign.stages.evaluate import check_task, evaluate_and_log
+from realign.stages.evaluate import evaluate_and_log
 
 PREFERENCE_METHODS = tuple(name for name in ALIGN_METHODS if name != "sft")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -39,8 +40,6 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 def resolve_expo_config(overrides: dict[str, Any]) -> ExpoConfig:
     cfg = resolve_stage_config(ExpoConfig, "expo", overrides.get("recipe") or "default", overrides)
     get_align_method(cfg.method)
-    check_judge(cfg.eval.judge)
-    check_task(cfg.eval.task)
     return cfg
 
 
@@ -57,8 +56,9 @@ class ExpoInputs:
     aligned_chain: list[str]
     sft_chain: list[str]
     mode: str  # "lora" | "merged"
-    aligned_state: dict = field(default_factory=dict)  # lora: the aligned adapter; merged: θ_aligned
-    sft_state: dict = field(default_factory=dict)  # merged only: θ_sft
+    aligned_state: dict = field(default_factory=dict)  # lora only: the aligned adapter's tensors
+    aligned_dir: str = ""  # merged only: θ_aligned as safetensors files
+    sft_dir: str = ""  # merged only: θ_sft as safetensors files
 
     @property
     def lineage_tags(self) -> dict[str, str]:
@@ -72,7 +72,7 @@ def expo_body(run: tracking.StageRun, cfg: ExpoConfig) -> None:
     inputs = resolve_inputs(cfg, run)
     run.set_tags(inputs.lineage_tags)
     method = inputs.aligned.method
-    load_weights(cfg, inputs)  # the heavy part starts only now, after every check passed
+    write_input_weights(cfg, inputs, run.workdir / "inputs")  # the heavy part starts only after every check
 
     if len(alphas) == 1:
         run.set_name(expo_run_name(method, alphas[0]))
@@ -169,12 +169,13 @@ def _check_adapter_files(adapter_dir: Path, run_id: str) -> None:
                            "pass a run whose stage finished and logged a PEFT adapter")
 
 
-def load_weights(cfg: ExpoConfig, inputs: ExpoInputs) -> None:
-    """Merged mode: θ_aligned and θ_sft, each rebuilt fresh from the base and its adapter chain (CPU)."""
+def write_input_weights(cfg: ExpoConfig, inputs: ExpoInputs, work: Path) -> None:
+    """Merged mode: θ_aligned and θ_sft, each rebuilt once from the base and its adapter chain and saved as
+    safetensors (one model in memory at a time); every α of a sweep streams from these files."""
     if inputs.mode != "merged":
         return
-    inputs.aligned_state = models.load_model(cfg.model, inputs.aligned_chain, device="cpu").state_dict()
-    inputs.sft_state = models.load_model(cfg.model, inputs.sft_chain, device="cpu").state_dict()
+    inputs.aligned_dir = models.materialize_merged(cfg.model, inputs.aligned_chain, work / "aligned")
+    inputs.sft_dir = models.materialize_merged(cfg.model, inputs.sft_chain, work / "sft")
 
 
 def extrapolate_and_log(run: tracking.StageRun, cfg: ExpoConfig, inputs: ExpoInputs, alpha: float) -> dict[str, float]:
@@ -228,11 +229,10 @@ def write_scaled_adapter(inputs: ExpoInputs, form: str, alpha: float, out_dir: P
 
 
 def write_merged_model(cfg: ExpoConfig, inputs: ExpoInputs, alpha: float, out_dir: Path) -> Path:
-    """θ_aligned + α(θ_aligned − θ_sft) as a transformers model dir (safetensors + tokenizer)."""
-    weights = expo_ops.extrapolate(inputs.aligned_state, inputs.sft_state, alpha)
-    model = models.load_model(cfg.model, device="cpu")  # the architecture to hold the weights; values replaced
-    model.load_state_dict(weights, strict=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    """θ_aligned + α(θ_aligned − θ_sft) as a transformers model dir (safetensors + tokenizer), streamed."""
+    with streaming_ops.WeightFiles(inputs.aligned_dir) as aligned, streaming_ops.WeightFiles(inputs.sft_dir) as sft:
+        streaming_ops.stream_fusion(expo_ops.fusion_plan(alpha), streaming_ops.StreamInputs(aligned, sft, base=sft),
+                                    out_dir, progress=True)
+    models.copy_model_metadata(inputs.aligned_dir, out_dir)
     models.load_tokenizer(cfg.model).save_pretrained(out_dir)
     return out_dir

@@ -44,21 +44,17 @@ from realign.ops import merge as merge_ops
 from realign.ops import nlsr as nlsr_ops
 from realign.ops import regions as regions_ops
 from realign.ops import streaming as streaming_ops
-from realign.eval.judges import check_judge
 from realign.stages.base import Input, Stage, register, run_stage
-from realign.stages.evaluate import check_task, evaluate_and_log
+from realign.stages.evaluate import evaluate_and_log
 
 REFERENCE_STAGES = ("align", "expo")
 LORA_CONFIG_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "bias")
-FULL_WEIGHT_FILES = ("config.json", "generation_config.json")
 
 
 def resolve_fuse_config(overrides: dict[str, Any]) -> FuseConfig:
     cfg = resolve_stage_config(FuseConfig, "fuse", overrides.get("recipe") or "default", overrides)
     if cfg.method not in merge_ops.MERGE_METHODS:
         raise RealignError(f"unknown fusion method {cfg.method!r}", f"use one of: {', '.join(merge_ops.MERGE_METHODS)}")
-    check_judge(cfg.eval.judge)
-    check_task(cfg.eval.task)
     return cfg
 
 
@@ -368,9 +364,7 @@ def fuse_full(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun) -> Fu
         finally:
             if base_files is not None:
                 base_files.close()
-    for name in FULL_WEIGHT_FILES:
-        if (Path(finetuned_dir) / name).is_file():
-            shutil.copyfile(Path(finetuned_dir) / name, out_dir / name)
+    models.copy_model_metadata(finetuned_dir, out_dir)
     models.load_tokenizer(cfg.model).save_pretrained(out_dir)
     eval_model = dataclasses.replace(cfg.model, source="local", path=str(out_dir))
     return FuseResult(changed, eval_model, [], out_dir, table)

@@ -232,6 +232,17 @@ def check_cells(spec: Experiment) -> None:
         done.setdefault(cell.step, []).append(standin)
 
 
+def plan_pipeline(overrides: dict[str, Any]) -> str:
+    """What `realign pipeline --dry-run` prints: the experiment file, then one line per cell (step, grid point,
+    stage), every cell's config checked as the run would check it; no store is opened."""
+    overrides = dict(overrides)
+    spec = load_experiment(str(overrides.pop("name", None) or "default"), overrides)
+    check_cells(spec)
+    lines = [f"{spec.path} ({len(spec.cells)} cells)"]
+    lines += [f"  {index:>3}. {cell.label} ({cell.stage})" for index, cell in enumerate(spec.cells, start=1)]
+    return "\n".join(lines)
+
+
 def run_pipeline(overrides: dict[str, Any]) -> str:
     """Run (or reuse) every cell of an experiment file in order; returns the parent run's id."""
     overrides = dict(overrides)
