@@ -58,6 +58,18 @@ def _run_with_overrides(fn, named: dict[str, object], extra: list[str]) -> None:
     click.echo(f"run {run_id}")
 
 
+def _dry_run(resolve, named: dict[str, object], extra: list[str]) -> None:
+    """--dry-run: resolve and check the config as the run would, print it, start nothing (no store is opened)."""
+    try:
+        click.echo(resolve(_overrides(named, extra)).rstrip())
+    except RealignError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+DRY_RUN_HELP = "resolve and check every option (recipe, model preset, values) and print the config; start no run"
+
+
 def _fail(err: RealignError) -> None:
     """One line and exit status 2; under `mlflow run`, its run FAILED with that line (if no stage had ended it)."""
     from realign import tracking
@@ -110,15 +122,28 @@ def stage_command(stage) -> click.Command:
         params.append(click.Option([*_option_names(short), short], help=_nested_help(stage.config, key)))
         keys[short] = key
 
-    def callback(**named):
+    params.append(click.Option(["--dry-run"], is_flag=True, help=DRY_RUN_HELP))
+
+    def callback(dry_run: bool, **named):
         from realign.stages.base import run_stage
 
         context = click.get_current_context()
         given = {keys[name]: value for name, value in named.items()}
+        if dry_run:
+            _dry_run(lambda overrides: _config_yaml(stage.resolve_config(overrides)), given, context.args)
+            return
         _run_with_overrides(lambda overrides: run_stage(stage, overrides), given, context.args)
 
     return click.Command(stage.name, params=params, callback=callback, help=stage.summary,
                          context_settings=EXTRA_ARGS)
+
+
+def _config_yaml(cfg) -> str:
+    import yaml
+
+    from realign.config import to_dict
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
 def _option_names(name: str) -> list[str]:
@@ -140,11 +165,16 @@ def _nested_help(config: type, key: str) -> str:
 @click.option("--model", help="conf/model/<preset>.yaml for every step (default: the experiment file's)")
 @click.option("--experiment", help="MLflow experiment of every run (default: $MLFLOW_EXPERIMENT_NAME, else the "
                                    "experiment file's, else realign; under `mlflow run`, the one it chose)")
+@click.option("--dry-run", is_flag=True, help="resolve and check every step's config and list the runs it "
+                                             "would make or reuse; start no run")
 @click.pass_context
-def pipeline(ctx: click.Context, **named) -> None:
+def pipeline(ctx: click.Context, dry_run: bool, **named) -> None:
     """The whole chain of an experiment file, reusing every stage run that already ran with the same config."""
-    from realign.stages.pipeline import run_pipeline
+    from realign.stages.pipeline import plan_pipeline, run_pipeline
 
+    if dry_run:
+        _dry_run(plan_pipeline, named, ctx.args)
+        return
     _run_with_overrides(run_pipeline, named, ctx.args)
 
 

@@ -99,9 +99,12 @@ def test_a_stage_added_in_a_test_is_one_declaration(tracking_store):
                  summary="Log a word.")
     with stage_table().temporarily("echo", echo):
         command = stage_command(echo)
-        assert [p.opts[0] for p in command.params] == ["--word", "--experiment"]
+        assert [p.opts[0] for p in command.params] == ["--word", "--experiment", "--dry-run"]
         listed = CliRunner().invoke(main, ["--help"], catch_exceptions=False).output
         assert "echo" in listed and "Log a word." in listed
+        dry = CliRunner().invoke(main, ["echo", "--dry-run", "--word", "dry"], catch_exceptions=False)
+        assert dry.exit_code == 0 and "word: dry" in dry.output, dry.output
+        assert not mlflow.search_runs(search_all_experiments=True, output_format="list"), "a dry run makes no run"
         good = CliRunner().invoke(main, ["echo", "--word", "realign"], catch_exceptions=False)
         assert good.exit_code == 0, good.output
         run = mlflow.get_run(good.output.strip().split()[-1])
