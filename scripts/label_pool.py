@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/label_pool.py --out label-pool           # ~1.5 h on 2 CPU cores; resumable
 
-1. Builds the chain once in `<out>/mlflow.db` (experiment `label-pool`; a second call reuses every run): the base
+1. Builds the chain once in `<out>/mlflow.db` (experiment `label-pool`; a second call reuses every finished run
+   of the same name and inputs, whatever code version made it): the base
    model; align sft, then dpo, kto, orpo and simpo on the SFT run; the DPO model attacked (SST2, n = 100) at
    p = 0, 0.05, 0.1, 0.2 with the offline recipe's learning rate (2e-4) and at p = 0.1, 0.2 with 1e-4; EXPO
    (α = 0.9) of DPO; the p = 0.2 attack fused with EXPO by restore (inside a Wanda region), TIES and task
@@ -25,56 +26,75 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TRAIN_ONLY = {"eval.enabled": False}
-CHAIN = {
-    "experiment": "label-pool",
-    "model": "smollm2-135m",
-    "steps": {
-        "sft": {"stage": "align", "method": "sft", **TRAIN_ONLY},
-        "pref": {"stage": "align", "sft_run": "${sft}", "grid": {"method": ["dpo", "kto", "orpo", "simpo"]},
-                 **TRAIN_ONLY},
-        "attack": {"stage": "attack", "source_run": "${pref[method=dpo]}", "task": "sst2", "size": 100,
-                   "grid": {"ratio": [0.0, 0.05, 0.1, 0.2]}, **TRAIN_ONLY},
-        "attack_lr": {"stage": "attack", "source_run": "${pref[method=dpo]}", "task": "sst2", "size": 100,
-                      "train.learning_rate": 1.0e-4, "grid": {"ratio": [0.1, 0.2]}, **TRAIN_ONLY},
-        "expo": {"stage": "expo", "aligned_run": "${pref[method=dpo]}", "sft_run": "${sft}", "alpha": "0.9",
-                 **TRAIN_ONLY},
-        "score": {"stage": "score", "model_run": "${expo}", "method": "wanda", **TRAIN_ONLY},
-        "restore": {"stage": "fuse", "finetuned_run": "${attack[ratio=0.2]}", "reference_run": "${expo}",
-                    "mask_run": "${score}", "method": "restore", **TRAIN_ONLY},
-        "merge": {"stage": "fuse", "finetuned_run": "${attack[ratio=0.2]}", "reference_run": "${expo}",
-                  "grid": {"method": ["ties", "task_arithmetic"]}, **TRAIN_ONLY},
-    },
-}
+OFF = {"eval.enabled": "false", "experiment": "label-pool"}
 KINDS = {"align": "aligned", "attack": "attacked", "expo": "expo", "fuse": "fused"}
 
 
-def chain_runs(out: Path) -> list[tuple[str, str, str]]:
-    """(model name, stage, run id) of every model of the chain, building what is missing."""
+def _find(stage: str, name: str, params: dict[str, str]) -> str | None:
+    """A finished, complete run of the pool with this name and these params (whatever code made it: a pool built
+    over several sessions keeps its models)."""
     import mlflow
 
-    from realign.stages.pipeline import run_pipeline
+    experiment = mlflow.get_experiment_by_name("label-pool")
+    if experiment is None:
+        return None
+    query = (f"tags.`realign.stage` = '{stage}' and tags.`mlflow.runName` = '{name}' and "
+             "tags.`realign.complete` = 'true' and attributes.status = 'FINISHED'")
+    for run in mlflow.MlflowClient().search_runs([experiment.experiment_id], query):
+        if all(run.data.params.get(k) == v for k, v in params.items()):
+            return run.info.run_id
+    return None
 
-    spec = out / "label-pool.yaml"
-    spec.write_text(yaml.safe_dump(CHAIN, sort_keys=False))
-    parent = run_pipeline({"name": str(spec)})
-    path = mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="pipeline/steps.json",
-                                               dst_path=str(out / "steps"))
-    table = json.loads(Path(path).read_text())
-    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
-    found = []
-    for row in rows:
-        if row["stage"] == "score":
-            continue
-        point = row["grid"].replace("method=", "").replace("ratio=", "p")
-        name = {"sft": "sft", "pref": point, "attack": f"attack-{point}-lr2e-4", "attack_lr": f"attack-{point}-lr1e-4",
-                "expo": "expo-a0.9", "restore": "restore", "merge": point}[row["step"]]
-        found.append((name, row["stage"], row["run_id"]))
+
+def _made(stage: str, name: str, params: dict[str, str], make) -> str:
+    found = _find(stage, name, params)
+    if found:
+        print(f"reusing {name} {found}", file=sys.stderr, flush=True)
+        return found
+    return make()
+
+
+def chain_runs(out: Path) -> list[tuple[str, str, str]]:
+    """(model name, stage, run id) of every model of the chain, building what the pool does not have yet."""
+    from realign.stages.align import run_align
+    from realign.stages.attack import run_attack
+    from realign.stages.expo import run_expo
+    from realign.stages.fuse import run_fuse
+    from realign.stages.score import run_score
+
+    found: list[tuple[str, str, str]] = []
+    sft = _made("align", "align/sft", {}, lambda: run_align({**OFF, "method": "sft"}))
+    found.append(("sft", "align", sft))
+    aligned = {}
+    for method in ("dpo", "kto", "orpo", "simpo"):
+        aligned[method] = _made("align", f"align/{method}", {"sft_run": sft},
+                                lambda m=method: run_align({**OFF, "method": m, "sft_run": sft}))
+        found.append((method, "align", aligned[method]))
+    attacks = {}
+    for ratio, rate in ((0.0, "0.0002"), (0.05, "0.0002"), (0.1, "0.0002"), (0.2, "0.0002"),
+                        (0.1, "0.0001"), (0.2, "0.0001")):
+        overrides = {**OFF, "source_run": aligned["dpo"], "task": "sst2", "size": "100", "ratio": str(ratio),
+                     "train.learning_rate": rate}
+        run_id = _made("attack", f"attack/dpo/sst2/p{ratio:g}/n100",
+                       {"ratio": str(ratio), "train.learning_rate": rate, "source_run": aligned["dpo"]},
+                       lambda o=overrides: run_attack(o))
+        attacks[(ratio, rate)] = run_id
+        found.append((f"attack-p{ratio:g}-lr{float(rate):.0e}".replace("e-0", "e-"), "attack", run_id))
+    expo = _made("expo", "expo/dpo/a0.9", {"aligned_run": aligned["dpo"]},
+                 lambda: run_expo({**OFF, "aligned_run": aligned["dpo"], "sft_run": sft, "alpha": "0.9"}))
+    found.append(("expo-a0.9", "expo", expo))
+    score = _made("score", "score/wanda", {"model_run": expo},
+                  lambda: run_score({**OFF, "model_run": expo, "method": "wanda"}))
+    attacked = attacks[(0.2, "0.0002")]
+    for method, mask in (("restore", score), ("ties", ""), ("task_arithmetic", "")):
+        params = {"finetuned_run": attacked, "method": method, "mask_run": mask}
+        name = f"fuse/{method}/{'neurons' if mask else 'full'}"
+        overrides = {**OFF, "finetuned_run": attacked, "reference_run": expo, "method": method,
+                     **({"mask_run": mask} if mask else {})}
+        found.append((method, "fuse", _made("fuse", name, params, lambda o=overrides: run_fuse(o))))
     return found
 
 
