@@ -8,6 +8,14 @@ the answers against docs/labelling.md. Every pair_id must be an answer of `--ans
 current output, re-read under the current guide) and be labelled once; its label also holds for the identical
 pairs `copies.json` lists. The answers' `split` becomes `train` (judge-training prompts) or `test` (evaluation
 prompts). Prints the counts per split, kind and label.
+
+With `--second DIR` (the second reading of scripts/label_second.py: `DIR/selection.json`, the second readers' label
+files in `DIR/labels/`), a pair both readers decided alike keeps the first label; a pair they decided differently
+needs the lead's decision in `--adjudication` (rows {pair_id, harmful, note}): the label that stands is the lead's,
+`labeller` is the reader who had it (one of the two always did), and the
+row says `adjudicated: true`. Pairs still waiting for the lead are written to `--disagreements` (question, answer,
+both labels and notes) and the merge stops. The readers' agreement (raw, Cohen's κ) is printed and written to
+`--summary`.
 """
 
 from __future__ import annotations
@@ -27,6 +35,10 @@ def main() -> None:
     parser.add_argument("--batches", type=Path, required=True)
     parser.add_argument("--labels", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=OUTPUT)
+    parser.add_argument("--second", type=Path, help="the second reading (selection.json, labels/*.jsonl)")
+    parser.add_argument("--adjudication", type=Path, help="the lead's decisions on the pairs the readers split on")
+    parser.add_argument("--disagreements", type=Path, help="where the pairs waiting for the lead are written")
+    parser.add_argument("--summary", type=Path, default=OUTPUT.with_name("labelled_answers_summary.json"))
     args = parser.parse_args()
 
     answers = {}
@@ -58,6 +70,7 @@ def main() -> None:
     missing = sorted(set(copies) - set(labels))
     if missing:
         raise SystemExit(f"{len(missing)} pairs of the batches have no label, e.g. {missing[0]}")
+    agreement = second_reading(args, labels, answers, legacy) if args.second else {}
 
     rows = []
     for read_pair, same in copies.items():
@@ -65,16 +78,14 @@ def main() -> None:
         for pair in same:
             if pair in legacy:
                 source = legacy[pair]
-                rows.append({**source, "harmful": label["harmful"], "unsure": bool(label.get("unsure")),
-                             "labeller": label["labeller"]})
+                rows.append({**source, **_label_fields(label)})
                 continue
             answer = answers[pair]
             rows.append({
                 "pair_id": pair, "prompt_id": answer["prompt_id"], "split": SPLIT_OF[answer["split"]],
-                "question": answer["question"], "answer": answer["answer"], "harmful": label["harmful"],
+                "question": answer["question"], "answer": answer["answer"],
                 "model": answer["model"], "kind": answer["kind"], "stage": answer["stage"],
-                "run_id": answer["run_id"], "category": answer["category"], "labeller": label["labeller"],
-                "unsure": bool(label.get("unsure")),
+                "run_id": answer["run_id"], "category": answer["category"], **_label_fields(label),
             })
     train_prompts = {r["prompt_id"] for r in rows if r["split"] == "train"}
     test_prompts = {r["prompt_id"] for r in rows if r["split"] == "test"}
@@ -87,6 +98,88 @@ def main() -> None:
           f"-> {args.out}")
     for key in sorted(counts):
         print(f"  {key[0]:5} {key[1]:9} harmful={key[2]!s:5} {counts[key]}")
+    summary = {"pairs": len(rows), "read": len(copies), "harmful": sum(r["harmful"] for r in rows),
+               "unsure": sum(r["unsure"] for r in rows),
+               "labellers": dict(sorted(Counter(r["labeller"] for r in rows).items())),
+               "per_split_kind": {f"{k[0]}/{k[1]}/{'harmful' if k[2] else 'harmless'}": v
+                                  for k, v in sorted(counts.items())},
+               "second_reading": agreement}
+    args.summary.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    print(f"summary -> {args.summary}")
+
+
+def _label_fields(label: dict) -> dict:
+    """The label columns of a row: the standing label, who had it, and the second reading when there was one."""
+    fields = {"harmful": label["harmful"], "unsure": bool(label.get("unsure")), "labeller": label["labeller"]}
+    if label.get("second_labeller"):
+        fields["second_labeller"] = label["second_labeller"]
+        fields["adjudicated"] = bool(label.get("adjudicated"))
+    return fields
+
+
+def _read_labels(folder: Path) -> dict[str, dict]:
+    found: dict[str, dict] = {}
+    for path in sorted(folder.glob("*.jsonl")):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                label = json.loads(line)
+                if label["pair_id"] in found:
+                    raise SystemExit(f"{path}:{number}: pair {label['pair_id']} is labelled twice")
+                found[label["pair_id"]] = label
+    return found
+
+
+def second_reading(args, labels: dict[str, dict], answers: dict, legacy: dict) -> dict:
+    """Apply the second reading and the lead's decisions to `labels` (in place); returns the agreement numbers."""
+    from sklearn.metrics import cohen_kappa_score
+
+    selection = json.loads((args.second / "selection.json").read_text())
+    second = _read_labels(args.second / "labels")
+    missing = sorted(set(selection) - set(second))
+    if missing:
+        raise SystemExit(f"{len(missing)} pairs of the second reading have no label, e.g. {missing[0]}")
+    lead = {}
+    if args.adjudication and args.adjudication.is_file():
+        lead = {row["pair_id"]: row for row in map(json.loads, args.adjudication.read_text().splitlines()) if row}
+    split = sorted(pair for pair in selection if second[pair]["harmful"] != labels[pair]["harmful"])
+    waiting = [pair for pair in split if pair not in lead]
+    if waiting:
+        if args.disagreements:
+            source = {**legacy, **answers}
+            args.disagreements.write_text("".join(json.dumps({
+                "pair_id": p, "question": source[p]["question"], "answer": source[p]["answer"],
+                "first": {k: labels[p].get(k) for k in ("harmful", "unsure", "labeller", "note")},
+                "second": {k: second[p].get(k) for k in ("harmful", "unsure", "labeller", "note")},
+            }, ensure_ascii=False) + "\n" for p in waiting), encoding="utf-8")
+        raise SystemExit(f"{len(waiting)} pairs the two readers decided differently wait for the lead"
+                         + (f" (written to {args.disagreements})" if args.disagreements else ""))
+    numbers = {}
+    for why in ("sample", "unsure", "offer"):
+        pairs = [p for p, r in selection.items() if r == why]
+        a = [labels[p]["harmful"] for p in pairs]
+        b = [second[p]["harmful"] for p in pairs]
+        same = sum(x == y for x, y in zip(a, b))
+        numbers[why] = {"pairs": len(pairs), "agree": same, "raw_agreement": same / len(pairs) if pairs else None,
+                        "cohen_kappa": float(cohen_kappa_score(a, b)) if len(set(a + b)) > 1 else None}
+    flipped = 0
+    for pair in selection:
+        first, other = labels[pair], second[pair]
+        decided = dict(first)
+        if pair in lead:
+            holder = first if lead[pair]["harmful"] == first["harmful"] else other
+            flipped += holder is other
+            decided.update(harmful=lead[pair]["harmful"], labeller=holder["labeller"], adjudicated=True,
+                           unsure=False)
+        else:
+            decided["unsure"] = bool(first.get("unsure")) and bool(other.get("unsure"))
+        decided["second_labeller"] = other["labeller"]
+        labels[pair] = decided
+    numbers.update(read_again=len(selection), split=len(split), adjudicated=len(split), flipped_by_lead=flipped)
+    for why in ("sample", "unsure", "offer"):
+        n = numbers[why]
+        print(f"second reading, {why}: {n['agree']}/{n['pairs']} agree, κ = {n['cohen_kappa']}")
+    print(f"{len(split)} split pairs decided by the lead, {flipped} of them against the first reader")
+    return numbers
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ class LabelledAnswer:
     category: str
     labeller: str
     unsure: bool = False
+    second_labeller: str = ""  # who read it again, blind to the first label ("" = read once)
+    adjudicated: bool = False  # the two readers differed and the lead decided
 
 
 @lru_cache(maxsize=1)
