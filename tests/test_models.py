@@ -272,7 +272,6 @@ def test_load_tokenizer_falls_back_to_eos_for_padding(tiny_dir, tmp_path):
 # --- SmolLM2 ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.smollm2
 def test_smollm2_converts_from_the_wheel_once(monkeypatch):
     if USER_CACHE:
         monkeypatch.setenv("REALIGN_CACHE", USER_CACHE)
