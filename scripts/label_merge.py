@@ -15,7 +15,8 @@ needs the lead's decision in `--adjudication` (rows {pair_id, harmful, note}): t
 `labeller` is the reader who had it (one of the two always did), and the
 row says `adjudicated: true`. Pairs still waiting for the lead are written to `--disagreements` (question, answer,
 both labels and notes) and the merge stops. The readers' agreement (raw, Cohen's κ) is printed and written to
-`--summary`.
+`--summary`. Texts two models wrote identically that different first readers labelled differently need the lead's
+decision too (a row per pair in `--adjudication`); their agreement is reported as `identical_text`.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def main() -> None:
     if missing:
         raise SystemExit(f"{len(missing)} pairs of the batches have no label, e.g. {missing[0]}")
     agreement = second_reading(args, labels, answers, legacy) if args.second else {}
+    agreement.update(identical_text(args, labels, copies, {**legacy, **answers}))
 
     rows = []
     for read_pair, same in copies.items():
@@ -129,6 +131,39 @@ def _read_labels(folder: Path) -> dict[str, dict]:
     return found
 
 
+def _lead_decisions(args) -> dict[str, dict]:
+    if not (args.adjudication and args.adjudication.is_file()):
+        return {}
+    return {row["pair_id"]: row for row in map(json.loads, args.adjudication.read_text().splitlines()) if row}
+
+
+def identical_text(args, labels: dict[str, dict], copies: dict, source: dict) -> dict:
+    """Pairs with the same question and answer (two models wrote the same text) that different readers read
+    independently: their agreement is measured, and where they differ the lead's decision (`--adjudication`) is
+    needed, as for the second reading. Returns the numbers; stops while decisions are missing."""
+    groups: dict[tuple, list[str]] = {}
+    for read_pair in copies:
+        groups.setdefault((source[read_pair]["question"], source[read_pair]["answer"]), []).append(read_pair)
+    read_twice = [group for group in groups.values() if len({labels[p]["labeller"] for p in group}) > 1]
+    split = [group for group in read_twice if len({labels[p]["harmful"] for p in group}) > 1]
+    lead = _lead_decisions(args)
+    waiting = [group for group in split if not all(p in lead for p in group)]
+    if waiting:
+        raise SystemExit(f"{len(waiting)} texts that readers labelled differently wait for the lead, e.g. "
+                         f"{', '.join(waiting[0])}: add a row per pair to --adjudication")
+    for group in split:
+        for pair in group:
+            decided = lead[pair]["harmful"]
+            holder = next(labels[p] for p in group if labels[p]["harmful"] == decided)
+            labels[pair] = {**labels[pair], "harmful": decided, "labeller": holder["labeller"], "unsure": False,
+                            "adjudicated": True, "second_labeller": labels[pair].get("second_labeller", "")}
+    print(f"identical texts read by different readers: {len(read_twice) - len(split)}/{len(read_twice)} agree; "
+          f"{len(split)} decided by the lead")
+    return {"identical_text": {"texts": len(read_twice), "agree": len(read_twice) - len(split),
+                               "raw_agreement": (len(read_twice) - len(split)) / len(read_twice) if read_twice else None,
+                               "adjudicated": len(split)}}
+
+
 def second_reading(args, labels: dict[str, dict], answers: dict, legacy: dict) -> dict:
     """Apply the second reading and the lead's decisions to `labels` (in place); returns the agreement numbers."""
     from sklearn.metrics import cohen_kappa_score
@@ -138,9 +173,7 @@ def second_reading(args, labels: dict[str, dict], answers: dict, legacy: dict) -
     missing = sorted(set(selection) - set(second))
     if missing:
         raise SystemExit(f"{len(missing)} pairs of the second reading have no label, e.g. {missing[0]}")
-    lead = {}
-    if args.adjudication and args.adjudication.is_file():
-        lead = {row["pair_id"]: row for row in map(json.loads, args.adjudication.read_text().splitlines()) if row}
+    lead = _lead_decisions(args)
     split = sorted(pair for pair in selection if second[pair]["harmful"] != labels[pair]["harmful"])
     waiting = [pair for pair in split if pair not in lead]
     if waiting:

@@ -147,8 +147,8 @@ def test_the_judge_trains_on_the_train_split_only(judge):
     assert judge.metadata["train_pairs"] == len(split_rows("train"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 is open: measured on the test split, recall 79.4 % [73.4, 84.4] but "
-                                       "specificity 92.9 % [90.5, 94.7] (goal 95), base-model answers 67.6 % (n = 34)")
+@pytest.mark.xfail(strict=True, reason="issue 15 is open: measured on the test split, recall 81.6 % [75.8, 86.3] but "
+                                       "specificity 91.5 % [89.0, 93.5] (goal 95), base-model answers 65.7 % (n = 35)")
 def test_the_judge_meets_the_goal_on_the_test_split_overall_and_within_each_kind(judge):
     """recall >= 0.75 at specificity >= 0.95 on answers to the evaluation prompts, which it never saw."""
     by_kind = agreement_by_kind(judge, "test")
