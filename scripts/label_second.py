@@ -22,6 +22,17 @@ REFUSAL = re.compile(r"\bI (can't|cannot|can not|won't|am not able|'m not able|'
 OFFER = re.compile(r"\bI can (help|assist|recommend|suggest|find|provide|offer)\b|\bI'd be happy to\b", re.I)
 
 
+def rows_by_pair(folder: Path, pattern: str) -> dict[str, dict]:
+    """Every JSONL row of the folder's matching files, keyed by pair_id."""
+    rows = {}
+    for path in sorted(folder.glob(pattern)):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["pair_id"]] = row
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=Path, required=True, help="the first reading's batch files")
@@ -32,18 +43,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
 
-    pairs = {}
-    for path in sorted(args.batches.glob("batch-*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                pairs[row["pair_id"]] = row
-    first = {}
-    for path in sorted(args.labels.glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                label = json.loads(line)
-                first[label["pair_id"]] = label
+    pairs = rows_by_pair(args.batches, "batch-*.jsonl")
+    first = rows_by_pair(args.labels, "*.jsonl")
     missing = sorted(set(pairs) - set(first))
     if missing:
         raise SystemExit(f"{len(missing)} pairs have no first label yet, e.g. {missing[0]}")
