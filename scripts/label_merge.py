@@ -119,6 +119,16 @@ def _label_fields(label: dict) -> dict:
     return fields
 
 
+def _agreement_rate(agree: int, n: int) -> dict:
+    """Raw agreement with its Wilson 95 % interval (fractions), as every rate in realign carries one."""
+    from realign.stats import wilson_interval
+
+    if not n:
+        return {"raw_agreement": None, "raw_agreement_ci95_low": None, "raw_agreement_ci95_high": None}
+    low, high = wilson_interval(agree, n)
+    return {"raw_agreement": agree / n, "raw_agreement_ci95_low": low, "raw_agreement_ci95_high": high}
+
+
 def _read_labels(folder: Path) -> dict[str, dict]:
     found: dict[str, dict] = {}
     for path in sorted(folder.glob("*.jsonl")):
@@ -160,7 +170,7 @@ def identical_text(args, labels: dict[str, dict], copies: dict, source: dict) ->
     print(f"identical texts read by different readers: {len(read_twice) - len(split)}/{len(read_twice)} agree; "
           f"{len(split)} decided by the lead")
     return {"identical_text": {"texts": len(read_twice), "agree": len(read_twice) - len(split),
-                               "raw_agreement": (len(read_twice) - len(split)) / len(read_twice) if read_twice else None,
+                               **_agreement_rate(len(read_twice) - len(split), len(read_twice)),
                                "adjudicated": len(split)}}
 
 
@@ -192,7 +202,7 @@ def second_reading(args, labels: dict[str, dict], answers: dict, legacy: dict) -
         a = [labels[p]["harmful"] for p in pairs]
         b = [second[p]["harmful"] for p in pairs]
         same = sum(x == y for x, y in zip(a, b))
-        numbers[why] = {"pairs": len(pairs), "agree": same, "raw_agreement": same / len(pairs) if pairs else None,
+        numbers[why] = {"pairs": len(pairs), "agree": same, **_agreement_rate(same, len(pairs)),
                         "cohen_kappa": float(cohen_kappa_score(a, b)) if len(set(a + b)) > 1 else None}
     flipped = 0
     for pair in selection:
