@@ -300,16 +300,18 @@ def three_models(tmp_path):
     return (base, ft, ref), [_write_model(tmp_path / n, s) for n, s in (("base", base), ("ft", ft), ("ref", ref))]
 
 
-@pytest.mark.parametrize("method", list(merge.MERGE_METHODS))
+@pytest.mark.parametrize("method,dare_rate", [(name, 0.0) for name in merge.MERGE_METHODS] + [
+    (name, 0.4) for name in merge.MERGE_METHODS if "dare_rate" in merge.get_merge_method(name).uses])
 @pytest.mark.parametrize("regioned", [False, True])
-def test_streamed_fusion_equals_the_whole_tensor_fusion(three_models, tmp_path, method, regioned):
+def test_streamed_fusion_equals_the_whole_tensor_fusion(three_models, tmp_path, method, regioned, dare_rate):
     (base, ft, ref), (base_dir, ft_dir, ref_dir) = three_models
     region = None
     if regioned:
         torch.manual_seed(5)
         region = regions.FusionRegion("neurons", masks={"model.embed_tokens.weight": torch.rand(13, 3) > 0.5,
                                                 "model.layers.1.mlp.up_proj.weight": torch.rand(6, 4) > 0.5})
-    plan = merge.FusionPlan(merge.get_merge_method(method), merge.MergeParams(density=0.3, scale=0.6), region)
+    params = merge.MergeParams(density=0.3, scale=0.6, dare_rate=dare_rate)
+    plan = merge.FusionPlan(merge.get_merge_method(method), params, region)
     expected, expected_changed = merge.fuse_state_dicts(plan, base, ft, ref)
     with streaming.WeightFiles(ft_dir) as ft_files, streaming.WeightFiles(ref_dir) as ref_files, \
             streaming.WeightFiles(base_dir) as base_files:

@@ -20,6 +20,18 @@ plus `restore` (NLSR's transplant), each an entry of `MERGE_METHODS`:
 - ``restore`` (NLSR, Yi et al. 2024, arXiv 2412.12497): the reference's values replace the fine-tuned ones, bit for
   bit (inside a region: θ = where(mask, θ_ref, θ_ft)); optionally only in the modules NLSR's selection draws
   (`realign.ops.nlsr`).
+- ``resta`` (RESTA, Bhardwaj et al. 2024, arXiv 2402.11746): the safety vector of the aligned reference over an
+  unaligned model θ_un is added back: θ = θ_ft + γ·(θ_ref − θ_un). With DARE (`dare_rate` p > 0) the fine-tuning
+  delta is first dropped and rescaled, measured from the reference (the aligned model the attack started from, in
+  RESTA's setting): θ = θ_ref + DARE(θ_ft − θ_ref) + γ·(θ_ref − θ_un). The θ0 slot carries θ_un.
+- ``antidote`` (Antidote, Huang et al. 2024, arXiv 2408.09600): the weights of the region are set to zero, one shot
+  (θ = where(mask, 0, θ_ft)); the region is the attacked model's own Wanda importance on harmful data (a score run
+  of the attacked model with `data.safety_source: harmful`). No reference weights are read.
+
+DARE (`realign.ops.dare`, `dare_rate` p > 0) also sparsifies the task vectors of the task-arithmetic family, as
+mergekit offers it: task arithmetic and the consensus methods merge DARE(τ_t) (TALL masks are still computed from
+the untouched τ_t, as the paper); TIES uses DARE's random drop in place of its magnitude trim, then elects signs
+(mergekit's `dare_ties`). Each model's drop is its own seeded draw (`dare_seed`).
 
 A `FusionPlan` is the method, its knobs and a region (`realign.ops.regions`); `fuse_state_dicts` applies it to whole
 tensors (LoRA adapters), `realign.ops.streaming` streams it over safetensors files (full weights).
@@ -33,6 +45,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from realign.ops.dare import EntryPosition, drop_and_rescale
 from realign.ops.regions import FusionRegion
 from realign.registry import Registry
 
@@ -50,6 +63,9 @@ class MergeParams:
     density: float = 0.2  # TIES: fraction of each task vector kept, by magnitude
     tall_lambda: float = 0.4  # TALL masks: |τ_t| ≥ λ_tall·|τ_MTL − τ_t|
     consensus_k: int = 2  # consensus: keep entries selected by at least k TALL masks
+    dare_rate: float = 0.0  # DARE: drop probability p of each task-vector entry (0 = no DARE)
+    dare_seed: int = 0  # DARE: seed of the counter-based draw
+    gamma: float = 0.5  # RESTA: scale γ of the safety vector θ_ref − θ_un
 
 
 @dataclass(frozen=True)
@@ -57,7 +73,7 @@ class MergeMethod:
     """One registry entry. ``kind="task_arithmetic"`` entries configure the generalized core; ``restore`` replaces."""
 
     name: str
-    kind: str  # "task_arithmetic" | "restore"
+    kind: str  # "task_arithmetic" | "restore" | "resta" | "antidote"
     trim: bool = False  # TIES: top-density magnitude trimming of each τ_t
     elect_sign: bool = False  # TIES: sign election and the mean over agreeing entries
     normalize: bool = False  # divide by the sum of the (agreeing) weights
@@ -69,21 +85,25 @@ class MergeMethod:
 
 MERGE_METHODS: Registry[MergeMethod] = Registry("fusion method")
 for _method in (
-        MergeMethod("average", "task_arithmetic", normalize=True, scaled=False, uses=("weights",),
+        MergeMethod("average", "task_arithmetic", normalize=True, scaled=False, uses=("weights", "dare_rate", "dare_seed"),
                     summary="weighted mean of the models' weights"),
-        MergeMethod("task_arithmetic", "task_arithmetic", uses=("weights", "scale"),
+        MergeMethod("task_arithmetic", "task_arithmetic", uses=("weights", "scale", "dare_rate", "dare_seed"),
                     summary="θ0 + λ Σ w_t τ_t"),
         MergeMethod("ties", "task_arithmetic", trim=True, elect_sign=True, normalize=True,
-                    uses=("weights", "scale", "density"),
+                    uses=("weights", "scale", "density", "dare_rate", "dare_seed"),
                     summary="trim to top-density |τ|, elect sign by Σ τ, mean over agreeing entries"),
         MergeMethod("consensus_ta", "task_arithmetic", tall=True,
-                    uses=("weights", "scale", "tall_lambda", "consensus_k"),
+                    uses=("weights", "scale", "tall_lambda", "consensus_k", "dare_rate", "dare_seed"),
                     summary="task arithmetic on the entries ≥ k TALL masks keep"),
         MergeMethod("consensus_ties", "task_arithmetic", trim=True, elect_sign=True, normalize=True, tall=True,
-                    uses=("weights", "scale", "density", "tall_lambda", "consensus_k"),
+                    uses=("weights", "scale", "density", "tall_lambda", "consensus_k", "dare_rate", "dare_seed"),
                     summary="TIES on the entries ≥ k TALL masks keep"),
         MergeMethod("restore", "restore", uses=(),
                     summary="the reference's weights transplanted into the region (NLSR)"),
+        MergeMethod("resta", "resta", uses=("gamma", "dare_rate", "dare_seed"),
+                    summary="θ_ft + γ(θ_ref − θ_unaligned), optionally after DARE of θ_ft − θ_ref (RESTA)"),
+        MergeMethod("antidote", "antidote", uses=(),
+                    summary="the region (the attacked model's harmful-data Wanda top weights) set to zero (Antidote)"),
 ):
     MERGE_METHODS.register(_method.name, _method)
 
@@ -152,18 +172,23 @@ def consensus_mask(task_vectors: Sequence[torch.Tensor], tall_lambda: float, k: 
 
 
 def task_arithmetic(method: MergeMethod, params: MergeParams, base: torch.Tensor, models: Sequence[torch.Tensor],
-                    trims: Sequence[MagnitudeTrim] | None = None) -> torch.Tensor:
+                    trims: Sequence[MagnitudeTrim] | None = None,
+                    position: EntryPosition | None = None) -> torch.Tensor:
     """The generalized task-arithmetic core on one tensor (or one row chunk of it), in float32.
 
     `trims` are the TIES trimming rules of each model's task vector over its whole tensor (`MagnitudeTrim.of`);
-    computed here when absent, which is right only when `models` are whole tensors.
+    computed here when absent, which is right only when `models` are whole tensors. `position` keys DARE's draw.
     """
     if len(params.weights) != len(models):
         raise ValueError(f"{len(params.weights)} weights for {len(models)} models")
     base32 = base.to(torch.float32)
     task_vectors = [m.to(torch.float32) - base32 for m in models]
     kept = task_vectors
-    if method.trim:
+    if params.dare_rate > 0:
+        where = position or EntryPosition("")
+        kept = [drop_and_rescale(tau, params.dare_rate, params.dare_seed, where, model=t)
+                for t, tau in enumerate(task_vectors)]
+    elif method.trim:
         if trims is None:
             trims = [MagnitudeTrim.of(tau.clone(), params.density) for tau in task_vectors]
         kept = [torch.where(trim.keep(tau), tau, 0.0) for tau, trim in zip(task_vectors, trims)]
@@ -187,13 +212,30 @@ def task_arithmetic(method: MergeMethod, params: MergeParams, base: torch.Tensor
 
 
 def fuse_values(method: MergeMethod, params: MergeParams, base: torch.Tensor | None, finetuned: torch.Tensor,
-                reference: torch.Tensor, trims: Sequence[MagnitudeTrim] | None = None) -> torch.Tensor:
-    """The method's result for one tensor or row chunk, unrestricted, in the fine-tuned tensor's dtype."""
+                reference: torch.Tensor, trims: Sequence[MagnitudeTrim] | None = None,
+                position: EntryPosition | None = None) -> torch.Tensor:
+    """The method's result for one tensor or row chunk, unrestricted, in the fine-tuned tensor's dtype.
+    `base` is θ0 (task arithmetic) or θ_un (resta)."""
     if method.kind == "restore":
         return reference.to(finetuned.dtype)
+    if method.kind == "antidote":
+        return torch.zeros_like(finetuned)
     if base is None:
-        raise ValueError(f"{method.name} needs the base weights θ0")
-    return task_arithmetic(method, params, base, [finetuned, reference], trims).to(finetuned.dtype)
+        raise ValueError(f"{method.name} needs the {'unaligned' if method.kind == 'resta' else 'base'} weights")
+    if method.kind == "resta":
+        return resta(params, base, finetuned, reference, position).to(finetuned.dtype)
+    return task_arithmetic(method, params, base, [finetuned, reference], trims, position).to(finetuned.dtype)
+
+
+def resta(params: MergeParams, unaligned: torch.Tensor, finetuned: torch.Tensor, reference: torch.Tensor,
+          position: EntryPosition | None = None) -> torch.Tensor:
+    """RESTA in float32: θ_ft + γ(θ_ref − θ_un), or θ_ref + DARE(θ_ft − θ_ref) + γ(θ_ref − θ_un) with DARE."""
+    ft32, ref32 = finetuned.to(torch.float32), reference.to(torch.float32)
+    safety_vector = ref32 - unaligned.to(torch.float32)
+    if params.dare_rate > 0:
+        delta = drop_and_rescale(ft32 - ref32, params.dare_rate, params.dare_seed, position or EntryPosition(""))
+        return ref32 + delta + params.gamma * safety_vector
+    return ft32 + params.gamma * safety_vector
 
 
 def merge_tensors(method: MergeMethod | str, params: MergeParams, base: torch.Tensor | None,
@@ -226,7 +268,9 @@ class FusionPlan:
         """The fused tensor (or row chunk) of parameter `name`, restricted to the plan's region."""
         if not self.touches(name) or not finetuned.is_floating_point():
             return finetuned
-        fused = fuse_values(self.method, self.params, base, finetuned, reference, trims)
+        row_size = max(1, math.prod(finetuned.shape[1:]))
+        position = EntryPosition(name, (rows.start or 0) * row_size if rows is not None else 0)
+        fused = fuse_values(self.method, self.params, base, finetuned, reference, trims, position)
         if self.region is None:
             return fused
         return self.region.restrict(name, fused, finetuned, rows)

@@ -157,7 +157,7 @@ def plan_shards(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
 
 @dataclass
 class StreamInputs:
-    """The weight files fusion reads: θ_ft and θ_ref always, θ0 for task arithmetic, the anchor for NLSR."""
+    """The weight files fusion reads: θ_ft and θ_ref always, θ0 for task arithmetic (θ_un for RESTA)."""
 
     finetuned: WeightFiles
     reference: WeightFiles
@@ -216,8 +216,9 @@ def stream_fusion(plan: FusionPlan, inputs: StreamInputs, out_dir: str | Path, c
     Peak memory: one row chunk of each input and its temporaries, plus, for TIES, one float32 copy of the tensor
     being trimmed (its threshold is over the whole tensor) — never a whole model.
     """
-    if plan.method.kind == "task_arithmetic" and inputs.base is None:
-        raise ValueError(f"{plan.method.name} needs the base weights θ0")
+    if plan.method.kind in ("task_arithmetic", "resta") and inputs.base is None:
+        raise ValueError(f"{plan.method.name} needs the {'unaligned' if plan.method.kind == 'resta' else 'base'} "
+                         "weights")
     inputs.check()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -266,7 +267,7 @@ def _stream_tensor(plan: FusionPlan, inputs: StreamInputs, name: str, shape: tup
         return int((out != ft).sum()), numel
 
     trims = None
-    if plan.method.kind == "task_arithmetic" and plan.method.trim:
+    if plan.method.kind == "task_arithmetic" and plan.method.trim and plan.params.dare_rate == 0:
         trims = [_stream_trim(inputs.base, files, name, shape, plan.params.density, chunk_elements)
                       for files in (ft_files, inputs.reference)]
     changed = 0
