@@ -160,7 +160,8 @@ class ScoreData:
     """Calibration data: safety = harmful prompts with safe (refusal) responses; utility = task or instruction data."""
 
     # builtin PKU-SafeRLHF-shaped pairs; PKU-Alignment/PKU-SafeRLHF (hub); or self: the scored model's own greedy
-    # answers to those harmful prompts, kept where the evaluation judge calls them safe (NLSR's calibration)
+    # answers to those harmful prompts, kept where the evaluation judge calls them safe (NLSR's calibration);
+    # harmful / hub-harmful: the same prompts with the pairs' harmful answers (Antidote's calibration)
     safety_source: str = "builtin"
     utility: str = "benign"  # benign instructions with answers, or a task: sst2 | ag_news | gsm8k | alpaca
     utility_source: str = "builtin"  # for a task: builtin, hub, or the task's hub id
@@ -178,7 +179,7 @@ class ScoreConfig:
     """Safety-critical weights of a model as masks (realign/ops/neurons.py has the exact definitions)."""
 
     method: str = option("wanda", "snip | wanda (default) | set_difference | actsvd | lora_actsvd")
-    model_run: str = option("", "align or expo run whose weights are scored (default: the base model)")
+    model_run: str = option("", "align, expo or attack run whose weights are scored (default: the base model)")
     target: str = option("weights", "weights (the merged model, default) | lora (the run's own LoRA A/B matrices)",
                          choices=("weights", "lora"))
     sparsity: float = option(0.01, "fraction of each weight matrix selected, in (0, 1) (snip, wanda, lora_actsvd)")
@@ -235,10 +236,12 @@ class FuseConfig:
     (realign/ops/merge.py has the exact definitions)."""
 
     finetuned_run: str = option("", "attack run to repair (required)")
-    reference_run: str = option("", "safety reference: an align or expo run (required)")
-    mask_run: str = option("", "score run whose region restricts the fusion (optional)")
+    reference_run: str = option("", "safety reference: an align or expo run (required; antidote reads none)")
+    mask_run: str = option("", "score run whose region restricts the fusion (optional; antidote: required)")
+    unaligned_run: str = option("", "resta, safe_lora: the unaligned model of the safety vector θ_ref − θ_un: "
+                                    "any run, or base (default: the base model)")
     method: str = option("restore", "restore (default) | average | task_arithmetic | ties | consensus_ta | "
-                                    "consensus_ties")
+                                    "consensus_ties | resta | antidote | safe_lora")
     granularity: str = option("", "neurons | ranks (the score run's own kind, default) | heads",
                               choices=("", "neurons", "ranks", "heads"))
     top_heads: float = option(0.1, "heads: fraction of all attention heads (by summed safety score) in the region")
@@ -256,6 +259,14 @@ class FuseConfig:
                                        "dissimilar (the paper's text, default)", choices=("similar", "dissimilar"))
     tau: float = option(0.1, "threshold: replace modules whose similarity is below it (default 0.1)")
     seed: int = option(0, "adaptive: seed of the draw (default 0)")
+    gamma: float = option(1.0, "resta: scale γ of the safety vector, > 0 (default 1: aligned +1, unaligned −1)")
+    dare_rate: float = option(0.0, "DARE drop rate p in [0, 1) for resta and the task-arithmetic methods (0 = off)")
+    dare_seed: int = option(0, "DARE: seed of the drop (default 0)")
+    safe_lora_select: str = option("count", "safe_lora: project the safe_lora_layers least similar modules (count, "
+                                            "default, as the authors' code) or those with similarity <= "
+                                            "safe_lora_tau (threshold)", choices=("threshold", "count"))
+    safe_lora_tau: float = option(0.5, "safe_lora, select=threshold: similarity threshold τ in [-1, 1] (default 0.5)")
+    safe_lora_layers: int = option(10, "safe_lora, select=count: modules projected (default 10)")
     mode: str = option("auto", "auto (default) | lora (fuse the adapters' A/B tensors) | full (merged weights)",
                        choices=("auto", "lora", "full"))
     recipe: str = option("default", "conf/fuse/<recipe>.yaml (default)")
@@ -264,9 +275,31 @@ class FuseConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def validate(self) -> None:
-        for key in ("finetuned_run", "reference_run"):
-            if not getattr(self, key):
-                raise RealignError(f"{key} is required", f"pass --{key} <run id>")
+        if not self.finetuned_run:
+            raise RealignError("finetuned_run is required", "pass --finetuned_run <run id>")
+        if self.method == "antidote":
+            if not self.mask_run:
+                raise RealignError("antidote zeroes a region and needs one",
+                                   "pass --mask_run <score run of the attacked model with data.safety_source=harmful>")
+            if self.reference_run:
+                raise RealignError("antidote reads no reference (it sets the region to zero)", "drop --reference_run")
+        elif not self.reference_run:
+            raise RealignError("reference_run is required", "pass --reference_run <run id>")
+        if self.unaligned_run and self.method not in ("resta", "safe_lora"):
+            raise RealignError(f"unaligned_run is read by resta and safe_lora, not {self.method}",
+                               "drop --unaligned_run, or pass --method resta | safe_lora")
+        if not (math.isfinite(self.gamma) and self.gamma > 0):
+            raise RealignError(f"gamma={self.gamma} must be > 0", "pass e.g. --gamma 0.5")
+        if not (math.isfinite(self.dare_rate) and 0.0 <= self.dare_rate < 1.0):
+            raise RealignError(f"dare_rate={self.dare_rate} is outside [0, 1)", "pass e.g. --dare_rate 0.3, or 0 for none")
+        if self.dare_rate and self.method in ("restore", "antidote", "safe_lora"):
+            raise RealignError(f"dare_rate drops task-vector entries; {self.method} has no task vector to drop",
+                               "drop --dare_rate, or use resta or a task-arithmetic method")
+        if not (math.isfinite(self.safe_lora_tau) and -1.0 <= self.safe_lora_tau <= 1.0):
+            raise RealignError(f"safe_lora_tau={self.safe_lora_tau} is outside [-1, 1] (a cosine similarity)",
+                               "pass e.g. --safe_lora_tau 0.5")
+        if self.safe_lora_layers < 0:
+            raise RealignError(f"safe_lora_layers={self.safe_lora_layers} must be >= 0", "pass e.g. --safe_lora_layers 10")
         for key in ("scale", "density", "tall_lambda", "top_heads"):
             value = getattr(self, key)
             if not (math.isfinite(value) and 0.0 < value <= 1.0):

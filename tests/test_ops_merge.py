@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from realign.ops import merge, nlsr, regions, streaming
 from realign.ops.masks import rank_projection
 
+ENTRYWISE = [name for name in merge.MERGE_METHODS if merge.get_merge_method(name).entrywise]
 BASE = [0.5, -1.0, 2.0, 0.0, 1.5, -0.5]
 FT = [1.5, -1.0, 1.0, 0.25, 2.5, -3.5]  # τ_ft  = [1, 0, -1, 0.25, 1, -3]
 REF = [-0.5, 1.0, 1.5, 0.0, 3.5, 0.5]  # τ_ref = [-1, 2, -0.5, 0, 2, 1]
@@ -159,7 +160,7 @@ def test_restore_transplants_the_reference_bit_for_bit_and_keeps_the_dtype():
     assert torch.equal(out[mask], ref[mask]) and torch.equal(out[~mask], ft[~mask])
 
 
-@pytest.mark.parametrize("method", list(merge.MERGE_METHODS))
+@pytest.mark.parametrize("method", ENTRYWISE)
 def test_outside_the_region_the_finetuned_weights_stay_bit_identical(method):
     torch.manual_seed(0)
     base, ft, ref = (torch.randn(6, 4) for _ in range(3))
@@ -173,7 +174,7 @@ def test_outside_the_region_the_finetuned_weights_stay_bit_identical(method):
     assert plan.fuse("elsewhere", base, ft, ref) is ft, "a parameter the region does not name is untouched"
 
 
-@pytest.mark.parametrize("method", list(merge.MERGE_METHODS))
+@pytest.mark.parametrize("method", ENTRYWISE)
 def test_an_empty_mask_changes_nothing(method):
     torch.manual_seed(1)
     base, ft, ref = (torch.randn(4, 4) for _ in range(3))
@@ -181,6 +182,11 @@ def test_an_empty_mask_changes_nothing(method):
     plan = merge.FusionPlan(merge.get_merge_method(method), merge.MergeParams(density=0.5), region)
     fused, changed = merge.fuse_state_dicts(plan, {"w": base}, {"w": ft}, {"w": ref})
     assert torch.equal(fused["w"], ft) and changed["w"] == (0, 16)
+
+
+def test_safe_lora_is_not_computed_tensor_by_tensor():
+    with pytest.raises(ValueError, match="not computed tensor by tensor"):
+        merge.merge_tensors("safe_lora", merge.MergeParams(), torch.zeros(2), torch.ones(2), torch.ones(2))
 
 
 def test_rank_region_adds_only_the_projected_change():
@@ -300,8 +306,8 @@ def three_models(tmp_path):
     return (base, ft, ref), [_write_model(tmp_path / n, s) for n, s in (("base", base), ("ft", ft), ("ref", ref))]
 
 
-@pytest.mark.parametrize("method,dare_rate", [(name, 0.0) for name in merge.MERGE_METHODS] + [
-    (name, 0.4) for name in merge.MERGE_METHODS if "dare_rate" in merge.get_merge_method(name).uses])
+@pytest.mark.parametrize("method,dare_rate", [(name, 0.0) for name in ENTRYWISE] + [
+    (name, 0.4) for name in ENTRYWISE if "dare_rate" in merge.get_merge_method(name).uses])
 @pytest.mark.parametrize("regioned", [False, True])
 def test_streamed_fusion_equals_the_whole_tensor_fusion(three_models, tmp_path, method, regioned, dare_rate):
     (base, ft, ref), (base_dir, ft_dir, ref_dir) = three_models

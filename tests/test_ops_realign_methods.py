@@ -138,8 +138,12 @@ def test_safe_lora_similarity_is_one_inside_the_subspace_and_zero_for_a_zero_ali
     assert safe_lora.update_similarity(a, b, safe_lora.projected_b(b, zero)) == 0.0
 
 
-def test_safe_lora_selects_below_tau_or_the_k_least_similar():
+def test_safe_lora_selects_up_to_tau_or_the_k_least_similar_with_ties_as_the_authors_code():
     similarities = [0.9, 0.2, 0.5, 0.2, 0.05]
     assert safe_lora.select_modules(similarities, "threshold", 0.35, 0) == [False, True, False, True, True]
-    assert safe_lora.select_modules(similarities, "count", 0.0, 2) == [False, True, False, False, True]
+    assert safe_lora.select_modules(similarities, "threshold", 0.5, 0) == [False, True, True, True, True]
+    assert safe_lora.select_modules(similarities, "count", 0.0, 1) == [False, False, False, False, True]
+    # the 2nd smallest is 0.2, and both modules at 0.2 are projected (cos <= the k-th smallest)
+    assert safe_lora.select_modules(similarities, "count", 0.0, 2) == [False, True, False, True, True]
+    assert safe_lora.select_modules(similarities, "count", 0.0, 9) == [True] * 5
     assert safe_lora.select_modules(similarities, "count", 0.0, 0) == [False] * 5

@@ -24,6 +24,8 @@ plus `restore` (NLSR's transplant), each an entry of `MERGE_METHODS`:
   unaligned model θ_un is added back: θ = θ_ft + γ·(θ_ref − θ_un). With DARE (`dare_rate` p > 0) the fine-tuning
   delta is first dropped and rescaled, measured from the reference (the aligned model the attack started from, in
   RESTA's setting): θ = θ_ref + DARE(θ_ft − θ_ref) + γ·(θ_ref − θ_un). The θ0 slot carries θ_un.
+- ``safe_lora`` (Safe LoRA, arXiv 2405.16833): not entrywise; `realign.ops.safe_lora` projects the attacked LoRA
+  factors, and the fuse stage runs it on the adapter.
 - ``antidote`` (Antidote, Huang et al. 2024, arXiv 2408.09600): the weights of the region are set to zero, one shot
   (θ = where(mask, 0, θ_ft)); the region is the attacked model's own Wanda importance on harmful data (a score run
   of the attacked model with `data.safety_source: harmful`). No reference weights are read.
@@ -65,7 +67,7 @@ class MergeParams:
     consensus_k: int = 2  # consensus: keep entries selected by at least k TALL masks
     dare_rate: float = 0.0  # DARE: drop probability p of each task-vector entry (0 = no DARE)
     dare_seed: int = 0  # DARE: seed of the counter-based draw
-    gamma: float = 0.5  # RESTA: scale γ of the safety vector θ_ref − θ_un
+    gamma: float = 1.0  # RESTA: scale γ of the safety vector θ_ref − θ_un
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class MergeMethod:
     """One registry entry. ``kind="task_arithmetic"`` entries configure the generalized core; ``restore`` replaces."""
 
     name: str
-    kind: str  # "task_arithmetic" | "restore" | "resta" | "antidote"
+    kind: str  # "task_arithmetic" | "restore" | "resta" | "antidote" | "safe_lora"
     trim: bool = False  # TIES: top-density magnitude trimming of each τ_t
     elect_sign: bool = False  # TIES: sign election and the mean over agreeing entries
     normalize: bool = False  # divide by the sum of the (agreeing) weights
@@ -81,6 +83,11 @@ class MergeMethod:
     tall: bool = False  # consensus: zero the entries fewer than k TALL masks select
     uses: tuple[str, ...] = ()
     summary: str = ""
+
+    @property
+    def entrywise(self) -> bool:
+        """Computed tensor by tensor from θ_ft, θ_ref (and θ0) by `fuse_values`; safe_lora projects LoRA factors."""
+        return self.kind != "safe_lora"
 
 
 MERGE_METHODS: Registry[MergeMethod] = Registry("fusion method")
@@ -104,6 +111,9 @@ for _method in (
                     summary="θ_ft + γ(θ_ref − θ_unaligned), optionally after DARE of θ_ft − θ_ref (RESTA)"),
         MergeMethod("antidote", "antidote", uses=(),
                     summary="the region (the attacked model's harmful-data Wanda top weights) set to zero (Antidote)"),
+        MergeMethod("safe_lora", "safe_lora", uses=("safe_lora_select", "safe_lora_tau", "safe_lora_layers"),
+                    summary="the attacked LoRA update projected onto the alignment subspace where it strays (Safe "
+                            "LoRA; realign.ops.safe_lora)"),
 ):
     MERGE_METHODS.register(_method.name, _method)
 
@@ -220,6 +230,8 @@ def fuse_values(method: MergeMethod, params: MergeParams, base: torch.Tensor | N
         return reference.to(finetuned.dtype)
     if method.kind == "antidote":
         return torch.zeros_like(finetuned)
+    if not method.entrywise:
+        raise ValueError(f"{method.name} is not computed tensor by tensor (realign.ops.safe_lora)")
     if base is None:
         raise ValueError(f"{method.name} needs the {'unaligned' if method.kind == 'resta' else 'base'} weights")
     if method.kind == "resta":

@@ -6,8 +6,9 @@ unaligned model:
   V = W_aligned − W_unaligned,  C = V Vᵀ / ‖V‖_F  (the paper's and the authors' code's form: ‖V‖_F, not squared, so C
   is not idempotent unless ‖V‖_F = 1),
   ΔW = s·B·A (s = lora_alpha / r), similarity = ⟨C·ΔW, ΔW⟩ / (‖C·ΔW‖‖ΔW‖),
-and in the selected modules ΔW is replaced by C·ΔW, i.e. B by C·B (A unchanged). Selected: similarity < τ
-(`select="threshold"`), or the k least similar modules (`select="count"`).
+and in the selected modules ΔW is replaced by C·ΔW, i.e. B by C·B (A unchanged), as the authors' code projects
+lora_B. Selected (`select_modules`): similarity ≤ τ, or the k least similar modules; the authors' defaults are
+`count` with k = 10 and τ = 0.5.
 
 C is never formed: C·B = V (Vᵀ B) / ‖V‖_F, and the similarity is computed from r×r Gram matrices
 (⟨P A, Q A⟩_F = Σ (P G) ⊙ Q with G = A Aᵀ), so no out×out or out×in product beyond V itself is held.
@@ -43,11 +44,14 @@ def update_similarity(lora_a: torch.Tensor, lora_b: torch.Tensor, projected: tor
 
 
 def select_modules(similarities: list[float], select: str, tau: float, count: int) -> list[bool]:
-    """Which modules are projected: similarity < τ, or the `count` least similar (earlier module first on ties)."""
+    """Which modules are projected, as the authors' code (IBM/SafeLoRA `projected_weighted`) decides: similarity
+    ≤ τ (`threshold`; the paper writes < τ, which differs only at equality), or (`count`) similarity ≤ the
+    `count`-th smallest similarity, so modules tied with it are projected too."""
     if select == "threshold":
-        return [s < tau for s in similarities]
+        return [s <= tau for s in similarities]
     if select == "count":
-        order = sorted(range(len(similarities)), key=lambda i: (similarities[i], i))
-        chosen = set(order[:count])
-        return [i in chosen for i in range(len(similarities))]
+        if count == 0 or not similarities:
+            return [False] * len(similarities)
+        cutoff = sorted(similarities)[min(count, len(similarities)) - 1]
+        return [s <= cutoff for s in similarities]
     raise ValueError(f"unknown Safe LoRA selection {select!r} (threshold | count)")

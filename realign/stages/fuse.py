@@ -48,6 +48,7 @@ from realign.stages.base import Input, Stage, register, run_stage
 from realign.stages.evaluate import evaluate_and_log
 
 REFERENCE_STAGES = ("align", "expo")
+UNALIGNED_STAGES = ("align", "expo", "attack", "fuse")  # the unaligned model of a safety vector: any model run
 LORA_CONFIG_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "bias")
 
 
@@ -60,7 +61,8 @@ def resolve_fuse_config(overrides: dict[str, Any]) -> FuseConfig:
 
 def merge_params(cfg: FuseConfig) -> merge_ops.MergeParams:
     return merge_ops.MergeParams(weights=tuple(cfg.weights), scale=cfg.scale, density=cfg.density,
-                                 tall_lambda=cfg.tall_lambda, consensus_k=cfg.consensus_k)
+                                 tall_lambda=cfg.tall_lambda, consensus_k=cfg.consensus_k, dare_rate=cfg.dare_rate,
+                                 dare_seed=cfg.dare_seed, gamma=cfg.gamma)
 
 
 def fuse_run_name(method: str, granularity: str) -> str:
@@ -72,7 +74,7 @@ class FuseInputs:
     """The checked input runs, their local artifacts, the region and the chosen mode; no weights loaded."""
 
     finetuned: tracking.InputRun
-    reference: tracking.InputRun
+    reference: tracking.InputRun  # antidote reads none: the finetuned run stands in (its values are never used)
     mask: tracking.InputRun | None
     finetuned_chain: list[str]  # local adapter dirs: base + these = θ_ft
     reference_chain: list[str]  # local adapter dirs (reference output "adapter")
@@ -83,6 +85,7 @@ class FuseInputs:
     region_target: str  # "weights" | "lora" | ""
     param_order: dict[str, int] = field(default_factory=dict)  # the model's parameter order (NLSR draws in it)
     selected_heads: list[tuple[str, int]] = field(default_factory=list)
+    unaligned: "WeightsInput | None" = None  # resta, safe_lora: θ_un (None = the base model)
 
     @property
     def reference_ids(self) -> list[str]:
@@ -114,7 +117,12 @@ def fuse_body(run: tracking.StageRun, cfg: FuseConfig) -> None:
         run.log_params({"fuse.heads": len(inputs.selected_heads)})
 
     # The heavy part starts only now, after every check passed.
-    result = fuse_lora(cfg, inputs, run) if inputs.mode == "lora" else fuse_full(cfg, inputs, run)
+    if cfg.method == "safe_lora":
+        result = fuse_safe_lora(cfg, inputs, run)
+    elif inputs.mode == "lora":
+        result = fuse_lora(cfg, inputs, run)
+    else:
+        result = fuse_full(cfg, inputs, run)
     log_changes(run, result)
     if inputs.mode == "lora":
         run.set_tags({tracking.TAG_ADAPTER_BASE: ",".join(inputs.finetuned.adapter_base),
@@ -137,8 +145,10 @@ def fuse_body(run: tracking.StageRun, cfg: FuseConfig) -> None:
 
 FUSE = register(Stage(
     "fuse", FuseConfig, resolve_fuse_config, fuse_body,
-    inputs=(Input("finetuned_run", "finetuned", ("attack",)), Input("reference_run", "reference", REFERENCE_STAGES),
-            Input("mask_run", "mask", ("score",), absent=("",))),
+    inputs=(Input("finetuned_run", "finetuned", ("attack",)),
+            Input("reference_run", "reference", REFERENCE_STAGES, absent=("",)),
+            Input("mask_run", "mask", ("score",), absent=("",)),
+            Input("unaligned_run", "unaligned", UNALIGNED_STAGES, absent=("", "base"))),
     summary="Fuse an attacked model with a safety reference (inside a score run's region), evaluated in the same run.",
 ))
 
@@ -153,32 +163,68 @@ def run_fuse(overrides: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class WeightsInput:
+    """A run whose weights a fusion reads: base + `chain` (local adapter dirs), or `model_dir` (full weights)."""
+
+    run: tracking.InputRun
+    chain: list[str]
+    model_dir: Path | None
+
+
+def resolve_weights_input(run: tracking.StageRun, ref: str, role: str, stages: tuple[str, ...],
+                          base: str) -> WeightsInput:
+    """Check run `ref`, download its adapter chain or its full weights (`realign.output=model`)."""
+    output = tracking.resolve_run(ref, role, stages, base).tags.get(tracking.TAG_OUTPUT, "adapter")
+    source = run.resolve_input(ref, role, stages, base, artifact="model" if output == "model" else "adapter")
+    if output != "model":
+        return WeightsInput(source, run.adapter_chain(source), None)
+    model_dir = Path(source.local_dir)
+    if not (model_dir / "config.json").is_file():
+        raise RealignError(f"{role} run {source.run_id} has a model/ artifact without config.json",
+                           "pass a run whose stage finished and logged a full model")
+    return WeightsInput(source, [], model_dir)
+
+
 def resolve_inputs(cfg: FuseConfig, run: tracking.StageRun) -> FuseInputs:
     base = cfg.model.name
     finetuned = run.resolve_input(cfg.finetuned_run, "finetuned", ("attack",), base)
-    reference_run = tracking.resolve_run(cfg.reference_run, "reference", REFERENCE_STAGES, base)
-    reference_output = reference_run.tags.get(tracking.TAG_OUTPUT, "adapter")
-    reference = run.resolve_input(cfg.reference_run, "reference", REFERENCE_STAGES, base,
-                                  artifact="model" if reference_output == "model" else "adapter")
     mask = run.resolve_input(cfg.mask_run, "mask", ("score",), base, artifact="masks") if cfg.mask_run else None
     if mask is None and cfg.granularity:
         raise RealignError(f"granularity={cfg.granularity} needs a region", "pass --mask_run <score run id>")
-
     finetuned_chain = run.adapter_chain(finetuned)
-    reference_chain = run.adapter_chain(reference) if reference_output != "model" else []
-    reference_model_dir = Path(reference.local_dir) if reference_output == "model" else None
-    if reference_model_dir is not None and not (reference_model_dir / "config.json").is_file():
-        raise RealignError(f"reference run {reference.run_id} has a model/ artifact without config.json",
-                           "pass a run whose stage finished and logged a full model")
+    if cfg.method == "antidote":
+        check_antidote_region(mask, finetuned)
+        reference = WeightsInput(finetuned, finetuned_chain, None)
+    else:
+        reference = resolve_weights_input(run, cfg.reference_run, "reference", REFERENCE_STAGES, base)
+    unaligned = None
+    if cfg.method in ("resta", "safe_lora") and cfg.unaligned_run not in ("", "base"):
+        unaligned = resolve_weights_input(run, cfg.unaligned_run, "unaligned", UNALIGNED_STAGES, base)
 
     config, param_shapes = model_layout(cfg.model)
-    inputs = FuseInputs(finetuned, reference, mask, finetuned_chain, reference_chain, reference_model_dir,
+    inputs = FuseInputs(finetuned, reference.run, mask, finetuned_chain, reference.chain, reference.model_dir,
                         mode="full", granularity="", region=None, region_target="",
-                        param_order={name: i for i, name in enumerate(param_shapes)})
+                        param_order={name: i for i, name in enumerate(param_shapes)}, unaligned=unaligned)
     if mask is not None:
         load_checked_region(cfg, inputs, config, param_shapes)
     inputs.mode = choose_mode(cfg, inputs)
     return inputs
+
+
+def check_antidote_region(mask: tracking.InputRun, finetuned: tracking.InputRun) -> None:
+    """Antidote's region is the attacked model's own importance on harmful answers: a score run of this attack
+    with harmful calibration."""
+    scored = mask.tags.get(f"{tracking.TAG_SOURCE}model", "")
+    if scored != finetuned.run_id:
+        raise RealignError(f"mask run {mask.run_id} scored {'run ' + scored if scored else 'the base model'}, not the "
+                           f"attacked run {finetuned.run_id}: Antidote prunes the attacked model's own harmful weights",
+                           f"pass a score run with --model_run {finetuned.run_id} --data.safety_source harmful")
+    source = mask.params.get("data.safety_source", "builtin")
+    if source not in ("harmful", "hub-harmful"):
+        raise RealignError(f"mask run {mask.run_id} was calibrated on data.safety_source={source} (safe answers); "
+                           "Antidote ranks weights by their importance for harmful answers",
+                           f"pass a score run with --model_run {finetuned.run_id} --data.safety_source harmful")
 
 
 def model_layout(model_cfg: ModelConfig):
@@ -258,7 +304,12 @@ def adapter_shapes(adapter_dir: Path) -> dict[str, tuple]:
 
 def choose_mode(cfg: FuseConfig, inputs: FuseInputs) -> str:
     """lora when both adapters sit on the same merged model with the same LoRA config (and the region, if any,
-    is over LoRA entries); `auto` picks it for restore only; full otherwise."""
+    is over LoRA entries); `auto` picks it for restore only; full otherwise. safe_lora projects the attacked
+    adapter's own factors (lora); resta adds a safety vector of full weights (full)."""
+    if cfg.method == "safe_lora":
+        return safe_lora_mode(cfg, inputs)
+    if cfg.method == "resta" and cfg.mode == "lora":
+        raise RealignError("resta adds θ_ref − θ_un to full weights; lora mode cannot hold it", "pass --mode auto or full")
     reason = lora_ineligibility(inputs)
     if inputs.region_target == "lora":
         if reason:
@@ -278,6 +329,24 @@ def choose_mode(cfg: FuseConfig, inputs: FuseInputs) -> str:
     if cfg.mode == "auto" and cfg.method == "restore" and inputs.region is None and not reason:
         return "lora"
     return "full"
+
+
+def safe_lora_mode(cfg: FuseConfig, inputs: FuseInputs) -> str:
+    """Safe LoRA projects the attacked LoRA update: the attack must have one, of plain A/B factors, and no region."""
+    ft = inputs.finetuned
+    if cfg.mode == "full":
+        raise RealignError("safe_lora projects the attacked adapter's LoRA factors, which full mode cannot",
+                           "pass --mode auto or lora")
+    if inputs.region is not None:
+        raise RealignError("safe_lora chooses its layers by similarity and takes no region", "drop --mask_run")
+    config_file = Path(ft.local_dir) / "adapter_config.json"
+    if not config_file.is_file():
+        raise RealignError(f"finetuned run {ft.run_id} has no LoRA adapter (a full-weight attack)",
+                           "Safe LoRA needs a LoRA attack: pass an attack run trained with LoRA")
+    if json.loads(config_file.read_text()).get("use_dora"):
+        raise RealignError(f"finetuned run {ft.run_id}'s adapter is DoRA, not a plain A/B update",
+                           "pass an attack run trained with plain LoRA")
+    return "lora"
 
 
 def lora_ineligibility(inputs: FuseInputs) -> str:
@@ -335,13 +404,61 @@ def fuse_lora(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun) -> Fu
     return FuseResult(changed, cfg.model, [*inputs.finetuned_chain[:-1], str(out_dir)], out_dir, table)
 
 
+def fuse_safe_lora(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun) -> FuseResult:
+    """Safe LoRA: per attacked LoRA module the similarity of its update to C = V Vᵀ/‖V‖_F (V = W_ref − W_un, read
+    tensor by tensor from the materialized full weights), then B → C·B in the selected modules, as a PEFT dir."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    from realign.ops import safe_lora as safe_lora_ops
+
+    ft_dir = Path(inputs.finetuned.local_dir)
+    state = load_file(str(ft_dir / "adapter_model.safetensors"))
+    modules = sorted(nlsr_ops.lora_module_names(state), key=lambda m: _model_position(inputs, m))
+    reference_dir = reference_weights_dir(cfg, inputs, run.workdir)
+    projected, similarities = {}, []
+    with streaming_ops.WeightFiles(reference_dir) as ref_files, \
+            streaming_ops.WeightFiles(unaligned_dir(cfg, inputs, run.workdir)) as un_files:
+        for module in tqdm(modules, desc="safe_lora", unit="module"):
+            weight = module.removeprefix("base_model.model.") + ".weight"
+            if weight not in ref_files.file_of or weight not in un_files.file_of:
+                raise RealignError(f"the adapter adapts {weight}, which the reference or unaligned weights lack",
+                                   "pass runs of the same model")
+            alignment = ref_files.read(weight).to(torch.float32) - un_files.read(weight).to(torch.float32)
+            a, b = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
+            projected[module] = safe_lora_ops.projected_b(b, alignment)
+            similarities.append(safe_lora_ops.update_similarity(a, b, projected[module]))
+    chosen = safe_lora_ops.select_modules(similarities, cfg.safe_lora_select, cfg.safe_lora_tau, cfg.safe_lora_layers)
+    fused = dict(state)
+    for module, replace in zip(modules, chosen):
+        if replace:
+            name = f"{module}.lora_B.weight"
+            fused[name] = projected[module].to(state[name].dtype).contiguous()
+    changed = {name: (int((fused[name] != tensor).sum()), tensor.numel()) for name, tensor in state.items()}
+    out_dir = run.workdir / "fused" / "adapter"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(fused, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    shutil.copyfile(ft_dir / "adapter_config.json", out_dir / "adapter_config.json")
+    table = {"module": modules, "similarity": similarities, "probability": [float(c) for c in chosen],
+             "replaced": chosen}
+    return FuseResult(changed, cfg.model, [*inputs.finetuned_chain[:-1], str(out_dir)], out_dir, table)
+
+
 def fuse_full(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun) -> FuseResult:
     """Materialize each input once as safetensors, then fuse them tensor by tensor into a transformers model dir."""
     method = merge_ops.get_merge_method(cfg.method)
     work = run.workdir
     finetuned_dir = weights_dir(cfg.model, inputs.finetuned_chain, work / "finetuned")
-    reference_dir = inputs.reference_model_dir or weights_dir(cfg.model, inputs.reference_chain, work / "reference")
-    base_dir = weights_dir(cfg.model, [], work / "base") if method.kind == "task_arithmetic" else None
+    if inputs.reference is inputs.finetuned:  # antidote: nothing is read from a reference
+        reference_dir = finetuned_dir
+    else:
+        reference_dir = reference_weights_dir(cfg, inputs, work)
+    base_dir = None
+    if method.kind == "task_arithmetic":
+        base_dir = weights_dir(cfg.model, [], work / "base")
+    elif method.kind == "resta":
+        base_dir = unaligned_dir(cfg, inputs, work)
     plan = merge_ops.FusionPlan(method, merge_params(cfg), inputs.region)
     out_dir = work / "fused" / "model"
     table = None
@@ -368,6 +485,20 @@ def fuse_full(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun) -> Fu
     models.load_tokenizer(cfg.model).save_pretrained(out_dir)
     eval_model = dataclasses.replace(cfg.model, source="local", path=str(out_dir))
     return FuseResult(changed, eval_model, [], out_dir, table)
+
+
+def unaligned_dir(cfg: FuseConfig, inputs: FuseInputs, work: Path) -> str:
+    """θ_un as a local safetensors dir: the unaligned run's weights, or the base model's."""
+    if inputs.unaligned is None:
+        return weights_dir(cfg.model, [], work / "base")
+    if inputs.unaligned.model_dir is not None:
+        return str(inputs.unaligned.model_dir)
+    return weights_dir(cfg.model, inputs.unaligned.chain, work / "unaligned")
+
+
+def reference_weights_dir(cfg: FuseConfig, inputs: FuseInputs, work: Path) -> str:
+    return str(inputs.reference_model_dir) if inputs.reference_model_dir is not None else \
+        weights_dir(cfg.model, inputs.reference_chain, work / "reference")
 
 
 def weights_dir(model_cfg: ModelConfig, adapters: list[str], out_dir: Path) -> str:

@@ -31,7 +31,7 @@ from realign.eval.judges import check_judge
 from realign.stages.base import Input, Stage, register, run_stage
 from realign.stages.evaluate import evaluate_model
 
-SCORED_STAGES = ("align", "expo")
+SCORED_STAGES = ("align", "expo", "attack")  # attack: Antidote scores the attacked model
 SANITY_VARIANTS = ("zeroed_selected", "zeroed_random")
 
 
@@ -157,18 +157,23 @@ def resolve_weights(cfg: ScoreConfig, run: tracking.StageRun) -> ScoredWeights:
 
 
 def safety_calibration(cfg: ScoreConfig):
-    """Harmful prompts (Alpaca template) with their safe, refusing responses."""
+    """Harmful prompts (Alpaca template) with their safe, refusing responses (or, for `harmful` and
+    `hub-harmful`, with their harmful, compliant ones)."""
     from datasets import Dataset
 
     n, seed, source = cfg.nsamples, cfg.seed, cfg.data.safety_source
-    if source == "builtin":
+    if source in ("builtin", "harmful"):
         rows = data.pku_saferlhf("train", n, seed)
-        pairs = [(row["prompt"], row[f"response_{row['safer_response_id']}"]) for row in rows]
+        # harmful: the compliant answer of each pair (Antidote scores the attacked model on harmful answers)
+        pick = (lambda row: row["safer_response_id"]) if source == "builtin" else (lambda row: 1 - row["safer_response_id"])
+        pairs = [(row["prompt"], row[f"response_{pick(row)}"]) for row in rows]
     else:
         from realign.data import hub
 
-        rows = hub.load_safety_pairs(hub.SAFERLHF_ID if source == "hub" else source, "train", n, seed)
-        pairs = [(row["prompt"], row["safe_response"]) for row in rows]
+        hub_id = source.removesuffix("-harmful")
+        rows = hub.load_safety_pairs(hub.SAFERLHF_ID if hub_id == "hub" else hub_id, "train", n, seed)
+        column = "unsafe_response" if source.endswith("-harmful") else "safe_response"
+        pairs = [(row["prompt"], row[column]) for row in rows]
     return Dataset.from_dict({"prompt": [data.format_prompt(p) for p, _ in pairs], "response": [r for _, r in pairs]})
 
 
