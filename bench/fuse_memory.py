@@ -3,16 +3,22 @@
 Inputs: SmolLM2-135M (the offline default, float32, one safetensors file) as the base and two perturbed copies of it
 (base + 1 % of each tensor's standard deviation in seeded Gaussian noise), TIES at density 0.2, equal weights, λ = 1.
 Each side runs in a subprocess of its own; its peak resident memory is that child's `ru_maxrss` (os.wait4), so
-the Python interpreter and torch import count on both sides. Three sides:
+the Python interpreter and torch import count on both sides. The inputs are made in a process of their own too: a
+child's `ru_maxrss` starts from its parent's resident size at the fork, so a parent that had just built the
+perturbed copies made the first run's realign side read 2.85× one model where the same fusion needs 0.97×. Sides:
 
 - ``realign``: `realign.ops.streaming.stream_fusion`, what `realign fuse` runs on full weights (row chunks, streamed
   safetensors output);
 - ``eager``: every input loaded whole, then fused tensor by tensor (what loading all inputs at once costs);
+- ``realign-<method>``: the same streamed fusion for every other full-weight method of the fuse registry (resta
+  with the base as θ_un, antidote without a region = every weight zeroed; safe_lora works on LoRA factors, not
+  here), each method's own defaults;
 - ``mergekit``: `mergekit-yaml` (PyPI `mergekit`, the tool users would pick instead) on the same merge, from
   `--mergekit` or $MERGEKIT_YAML, else `mergekit-yaml` on PATH; `mergekit: not installed` lines when absent.
 
-Prints `name: value` lines: per side peak RSS (bytes and × one model's bytes), wall seconds, seconds per GB of one
-model, and the ratios realign / mergekit, plus the largest difference between the two outputs.
+Prints `name: value` lines: per side peak RSS (bytes and × one model's bytes; goal for realign's sides <= 1.5),
+wall seconds, seconds per GB of one model, and the ratios realign / mergekit, plus the largest difference between
+the two outputs.
 
     .venv/bin/python bench/fuse_memory.py --mergekit /tmp/mergekit-venv/bin/mergekit-yaml
 """
@@ -43,20 +49,28 @@ def main() -> None:
     parser.add_argument("--inputs", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.side == "prepare":
+        print(json.dumps(prepare_inputs(args.model, Path(args.out))))
+        return
     if args.side:
         run_side(args.side, json.loads(args.inputs), Path(args.out))
         return
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="realign-bench-fuse-"))
-    inputs = prepare_inputs(args.model, work)
+    # the copies are built in a child: this process stays small, so no measured child inherits its memory
+    made = subprocess.run([sys.executable, __file__, "--side", "prepare", "--model", args.model, "--out", str(work)],
+                          check=True, capture_output=True, text=True)
+    inputs = json.loads(made.stdout.strip().splitlines()[-1])
     model_bytes = (Path(inputs["base"]) / "model.safetensors").stat().st_size
     print(f"model: {args.model}")
     print(f"model_bytes: {model_bytes}")
     print(f"merge: ties density={DENSITY} weights=1,1 lambda=1 (two perturbed copies onto the base)")
     results = {}
-    for side in ("realign", "eager"):
+    for side in ("realign", "eager", *(f"realign-{m}" for m in other_methods())):
         results[side] = measure([sys.executable, __file__, "--side", side, "--inputs", json.dumps(inputs),
                                  "--out", str(work / f"out-{side}")])
+        if side.startswith("realign-"):  # only the TIES outputs are compared; the others would fill the disk
+            shutil.rmtree(work / f"out-{side}", ignore_errors=True)
     if args.mergekit and Path(args.mergekit).exists():
         config = write_mergekit_config(inputs, work / "mergekit.yml")
         results["mergekit"] = measure([args.mergekit, str(config), str(work / "out-mergekit"), "--no-copy-tokenizer",
@@ -132,10 +146,20 @@ def write_mergekit_config(inputs: dict[str, str], path: Path) -> Path:
     return path
 
 
+def other_methods() -> list[str]:
+    """The fuse registry's full-weight methods other than the TIES side (realign's own list, imported lazily)."""
+    from realign.ops import merge
+
+    return [name for name in merge.MERGE_METHODS if merge.get_merge_method(name).entrywise and name != "ties"]
+
+
 def run_side(side: str, inputs: dict[str, str], out: Path) -> None:
     from realign.ops import merge, streaming
 
     plan = merge.FusionPlan(merge.get_merge_method("ties"), merge.MergeParams(weights=(1.0, 1.0), density=DENSITY))
+    if side.startswith("realign-"):
+        plan = merge.FusionPlan(merge.get_merge_method(side.removeprefix("realign-")), merge.MergeParams())
+        side = "realign"
     if side == "realign":
         with streaming.WeightFiles(inputs["copy1"]) as first, streaming.WeightFiles(inputs["copy2"]) as second, \
                 streaming.WeightFiles(inputs["base"]) as base:
@@ -156,7 +180,7 @@ def max_abs_difference(first: Path, second: Path) -> float:
     """Largest |a − b| over all tensors of two model dirs, read tensor by tensor."""
     import torch
 
-    from realign.ops.merge import WeightFiles
+    from realign.ops.streaming import WeightFiles
 
     with WeightFiles(first) as a, WeightFiles(second) as b:
         if set(a.names) != set(b.names):

@@ -38,7 +38,8 @@ COMPARED_STAGES = ("align", "attack", "expo", "score", "fuse")
 # Display order of method names (the DESIGN's order of each family); others follow alphabetically.
 METHOD_ORDER = ("sft", "dpo", "orpo", "kto", "simpo",
                 "snip", "wanda", "set_difference", "actsvd",
-                "average", "task_arithmetic", "ties", "consensus_ta", "consensus_ties", "restore")
+                "average", "task_arithmetic", "ties", "consensus_ta", "consensus_ties", "consensus_ties_authors",
+                "restore", "resta", "antidote", "safe_lora")
 GAP = "—"
 HARMFUL = "harmful_score"  # every column whose name contains this is a judged number
 SELECTED_FRACTION = "selected_fraction/"
@@ -103,6 +104,14 @@ def _number(runs: pd.DataFrame, column: str) -> pd.Series:
     return pd.to_numeric(runs[column], errors="coerce").astype(float)
 
 
+def _seconds(runs: pd.DataFrame) -> pd.Series:
+    """Each run's wall time (end − start), NaN where either is missing."""
+    if "start_time" not in runs or "end_time" not in runs:
+        return pd.Series(np.nan, index=runs.index)
+    start, end = pd.to_datetime(runs["start_time"], utc=True), pd.to_datetime(runs["end_time"], utc=True)
+    return (end - start).dt.total_seconds()
+
+
 def normalize_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per compared run, with plain columns: stage, method, judge, ratio, harmful_score, ...
 
@@ -131,6 +140,9 @@ def normalize_runs(runs: pd.DataFrame) -> pd.DataFrame:
         "alpha": _number(runs, "params.alpha"),  # a sweep parent's list parses to NaN; parents are dropped anyway
         "granularity": _text(runs, "params.fuse.granularity"),  # the region the fuse run used; "full" = none
         "adapter": _text(runs, "params.adapter"),  # attack: new, or continue (the source's own adapter trained on)
+        "fuse_mode": _text(runs, "params.fuse.mode"),  # full (merged weights) or lora (adapter factors)
+        "seconds": _seconds(runs),
+        "benign_refusal_rate": _number(runs, "metrics.benign_refusal_rate"),
     }, index=runs.index)
     for tag in SCORE_IDENTITY_TAGS:
         frame[tag] = _text(runs, f"tags.{tag}")

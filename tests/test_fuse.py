@@ -23,7 +23,8 @@ from realign.errors import RealignError
 from realign.ops import masks, merge, nlsr
 from realign.stages.align import run_align
 from realign.stages.attack import run_attack
-from realign.stages.fuse import model_layout, run_fuse
+from realign.stages.fuse import run_fuse
+from realign.stages.fuse_inputs import model_layout
 
 from conftest import TINY, module_store, stand_in_adapter
 

@@ -13,7 +13,8 @@ from realign.ops import masks
 from realign.stages.align import run_align
 from realign.stages.attack import run_attack
 from realign.config import ModelConfig
-from realign.stages.fuse import model_layout, run_fuse
+from realign.stages.fuse import run_fuse
+from realign.stages.fuse_inputs import model_layout
 from realign.stages.score import run_score
 
 from conftest import TINY, module_store

@@ -149,6 +149,23 @@ def test_consensus_ties_is_ties_zeroed_outside_the_consensus():
     assert torch.allclose(out, _t(expected), atol=1e-6)
 
 
+def test_consensus_ties_authors_form_sums_agreeing_entries_and_builds_masks_against_that_sum():
+    # nik-dim/tall_masks: τ_TIES = dis-sum of the trimmed vectors; m_t = |τ_t| > λ|τ_TIES − τ_t| (τ_t untrimmed).
+    tau_ft, tau_ref = _taus()
+    out = _fuse("consensus_ties_authors", weights=(1.0, 1.0), density=0.5, scale=0.8, tall_lambda=0.5, consensus_k=2)
+    trimmed = [_direct_trim(tau, 0.5) for tau in (tau_ft, tau_ref)]
+    expected = []
+    for i, b in enumerate(BASE):
+        values = [t[i] for t in trimmed]
+        elected = 1 if sum(values) >= 0 else -1
+        dis_sum = sum(v for v in values if v != 0 and _sign(v) == elected)
+        votes = sum(abs(tau[i]) > 0.5 * abs(dis_sum - tau[i]) for tau in (tau_ft, tau_ref))
+        expected.append(b + 0.8 * dis_sum * (votes >= 2))
+    assert torch.allclose(out, _t(expected), atol=1e-6)
+    paper = _fuse("consensus_ties", weights=(1.0, 1.0), density=0.5, scale=0.8, tall_lambda=0.5, consensus_k=2)
+    assert not torch.allclose(out, paper), "the two forms differ on these vectors"
+
+
 def test_restore_transplants_the_reference_bit_for_bit_and_keeps_the_dtype():
     ft = torch.randn(5, 3, dtype=torch.bfloat16)
     ref = torch.randn(5, 3, dtype=torch.bfloat16)

@@ -1,6 +1,7 @@
 """`pipeline`: experiment files expanded into stage runs, with reuse, on the tiny model."""
 
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -203,6 +204,49 @@ def test_nlsr_smollm2_experiment_runs_the_faithful_chain_on_the_tiny_model(track
         assert mlflow.get_run(restore_id).data.params["fuse.mode"] == "full"
     expo = mlflow.get_run(steps["expo"][0])
     assert expo.data.params["form"] == "seed"
+
+
+REPAIR_STEPS = ("restore_merged", "restore_faithful", "average", "task_arithmetic", "ties", "consensus_ta",
+                "consensus_ties", "resta", "safe_lora", "antidote")
+
+
+def test_realign_methods_experiment_repairs_every_attack_with_every_method_and_ranks_them(tracking_store, tmp_path):
+    """conf/experiments/realign-methods.yaml with tiny budgets: 4 attacks × 10 repairs, each run against its own
+    attack, and compare's realignment ranking of the methods."""
+    train = {f"{step}.{key}": value for step in ("sft", "dpo", "attack", "attack_continue")
+             for key, value in TINY_TRAIN.items()}
+    quiet_eval = {"eval.judge": "keyword", "eval.num_prompts": "4", "eval.max_new_tokens": "4",
+                  "eval.task_examples": "4", "eval.benign_prompts": "2"}
+    scores = {f"{step}.{key}": value for step in ("region", "region_lora", "region_antidote")
+              for key, value in {"nsamples": "4", "data.max_length": "64", "eval.enabled": "false"}.items()}
+    overrides = {"name": "realign-methods", "model": "tiny", "experiment": "methods", **train, **scores,
+                 "sft.data.num_examples": "16", "dpo.data.num_examples": "16", "attack.size": "8",
+                 "attack_continue.size": "8",
+                 **{f"{step}.eval.enabled": "false" for step in ("sft", "dpo", "expo", "expo_seed", "attack_continue")},
+                 **{f"attack.{key}": value for key, value in quiet_eval.items()},
+                 **{f"{step}.{key}": value for step in REPAIR_STEPS for key, value in quiet_eval.items()},
+                 # a random model writes nothing the keyword judge calls safe (see the nlsr-smollm2 test)
+                 "region_lora.data.safety_source": "builtin"}
+    steps = _cells(run_pipeline(overrides))
+    assert len(steps["attack"]) == 4
+    for step in REPAIR_STEPS:
+        assert len(steps[step]) == 4, step
+        attacks = steps["attack_continue"] if step == "restore_faithful" else steps["attack"]
+        for fuse_id, attack_id in zip(steps[step], attacks):
+            run = mlflow.get_run(fuse_id)
+            assert run.info.status == "FINISHED" and run.data.tags["realign.source.finetuned"] == attack_id, step
+            assert "harmful_score" in run.data.metrics, step
+    for score_id, attack_id in zip(steps["region_antidote"], steps["attack"]):
+        assert mlflow.get_run(score_id).data.tags["realign.source.model"] == attack_id
+    compare = steps["compare"][0]
+    tables = [a.path for a in mlflow.MlflowClient().list_artifacts(compare, "tables")]
+    assert "tables/realignment.csv" in tables
+    local = mlflow.artifacts.download_artifacts(run_id=compare, artifact_path="tables/realignment.csv",
+                                                dst_path=str(tmp_path))
+    ranking = pd.read_csv(local)  # the table compare prints and logs
+    assert len(ranking) == len(REPAIR_STEPS) and set(ranking["runs"]) == {4}
+    assert {"restore · neurons · full", "restore · neurons · lora", "safe_lora · full · lora",
+            "antidote · neurons · full"} <= set(ranking["method"])
 
 
 def test_reuse_is_decided_on_the_inputs_that_would_be_used_now(tracking_store, tmp_path):

@@ -17,6 +17,13 @@ plus `restore` (NLSR's transplant), each an entry of `MERGE_METHODS`:
   m_t = 1{|τ_t| ≥ λ_tall·|τ_MTL − τ_t|} with τ_MTL = Σ_t τ_t (untrimmed, unweighted, as the paper); entries kept
   where Σ_t m_t ≥ k; the TA (resp. TIES) merged vector is zeroed elsewhere before θ0 + λ·(…), as the paper applies
   the consensus mask to the merged multi-task vector.
+- ``consensus_ties_authors``: consensus TIES as its authors' code builds it (GitHub nik-dim/tall_masks,
+  `src/eval/aggregation.py`, `src/utils/tallmask_utils.py`): the TIES vector is aggregated with the disjoint *sum*
+  (`dis-sum`: Σ of the agreeing entries, no division), the TALL masks are built against it instead of the plain sum
+  (m_t = 1{|τ_t| > λ_tall·|τ_TIES − τ_t|}, strict, τ_t untrimmed), and θ0 + λ·(τ_TIES ⊙ consensus mask). Two
+  differences remain: the authors trim and elect over the whole model flattened into one vector, realign per tensor
+  (as mergekit, and so it streams); and an elected sign of exactly 0 takes the global majority sign there, + here.
+  `consensus_ties` (the paper's text) stays the default consensus method.
 - ``restore`` (NLSR, Yi et al. 2024, arXiv 2412.12497): the reference's values replace the fine-tuned ones, bit for
   bit (inside a region: θ = where(mask, θ_ref, θ_ft)); optionally only in the modules NLSR's selection draws
   (`realign.ops.nlsr`).
@@ -81,6 +88,8 @@ class MergeMethod:
     normalize: bool = False  # divide by the sum of the (agreeing) weights
     scaled: bool = True  # multiply the merged task vector by λ
     tall: bool = False  # consensus: zero the entries fewer than k TALL masks select
+    tall_from_merged: bool = False  # TALL masks against the merged vector itself (authors' code), not Σ τ_t
+    tall_strict: bool = False  # TALL mask |τ_t| > λ|…| (authors' code) instead of ≥ (the paper)
     uses: tuple[str, ...] = ()
     summary: str = ""
 
@@ -105,6 +114,10 @@ for _method in (
         MergeMethod("consensus_ties", "task_arithmetic", trim=True, elect_sign=True, normalize=True, tall=True,
                     uses=("weights", "scale", "density", "tall_lambda", "consensus_k", "dare_rate", "dare_seed"),
                     summary="TIES on the entries ≥ k TALL masks keep"),
+        MergeMethod("consensus_ties_authors", "task_arithmetic", trim=True, elect_sign=True, tall=True,
+                    tall_from_merged=True, tall_strict=True,
+                    uses=("weights", "scale", "density", "tall_lambda", "consensus_k", "dare_rate", "dare_seed"),
+                    summary="consensus TIES as nik-dim/tall_masks runs it: dis-sum, masks against the TIES vector"),
         MergeMethod("restore", "restore", uses=(),
                     summary="the reference's weights transplanted into the region (NLSR)"),
         MergeMethod("resta", "resta", uses=("gamma", "dare_rate", "dare_seed"),
@@ -169,15 +182,20 @@ class MagnitudeTrim:
         return kept
 
 
-def tall_masks(task_vectors: Sequence[torch.Tensor], tall_lambda: float) -> list[torch.Tensor]:
-    """m_t = 1{|τ_t| ≥ λ·|τ_MTL − τ_t|}, τ_MTL = Σ_t τ_t (TALL masks, arXiv 2405.07813)."""
-    total = torch.stack(list(task_vectors)).sum(dim=0)
+def tall_masks(task_vectors: Sequence[torch.Tensor], tall_lambda: float, merged: torch.Tensor | None = None,
+               strict: bool = False) -> list[torch.Tensor]:
+    """m_t = 1{|τ_t| ≥ λ·|τ_MTL − τ_t|}, τ_MTL = Σ_t τ_t (TALL masks, arXiv 2405.07813); `merged` replaces Σ_t τ_t
+    and `strict` uses > (the authors' code builds them against the TIES vector, strictly)."""
+    total = torch.stack(list(task_vectors)).sum(dim=0) if merged is None else merged
+    if strict:
+        return [tau.abs() > tall_lambda * (total - tau).abs() for tau in task_vectors]
     return [tau.abs() >= tall_lambda * (total - tau).abs() for tau in task_vectors]
 
 
-def consensus_mask(task_vectors: Sequence[torch.Tensor], tall_lambda: float, k: int) -> torch.Tensor:
+def consensus_mask(task_vectors: Sequence[torch.Tensor], tall_lambda: float, k: int,
+                   merged: torch.Tensor | None = None, strict: bool = False) -> torch.Tensor:
     """Entries that at least k of the models' TALL masks select."""
-    masks = tall_masks(task_vectors, tall_lambda)
+    masks = tall_masks(task_vectors, tall_lambda, merged, strict)
     return torch.stack([m.to(torch.int32) for m in masks]).sum(dim=0) >= k
 
 
@@ -216,7 +234,9 @@ def task_arithmetic(method: MergeMethod, params: MergeParams, base: torch.Tensor
         # Entries no weight reaches (every τ zero there) have nothing to average: they stay at θ0.
         mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
     if method.tall:
-        mixed = torch.where(consensus_mask(task_vectors, params.tall_lambda, params.consensus_k), mixed, 0.0)
+        keep = consensus_mask(task_vectors, params.tall_lambda, params.consensus_k,
+                              merged=mixed if method.tall_from_merged else None, strict=method.tall_strict)
+        mixed = torch.where(keep, mixed, 0.0)
     scale = params.scale if method.scaled else 1.0
     return base32 + scale * mixed
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from realign import dashboards, tracking
+from realign import dashboards, ranking, tracking
 from realign.config import from_dict, set_dotted
 from realign.stage_configs import CompareConfig
 from realign.errors import RealignError
@@ -47,8 +47,15 @@ def build_report(cfg: CompareConfig) -> dashboards.Report:
     """The experiment's runs as tables and charts; a RealignError when there is nothing to compare."""
     runs = tracking.search_runs(cfg.experiment, search_filter(cfg))
     frame = dashboards.normalize_runs(runs)
-    pairs = paired_differences(dashboards.label_measures(frame)[0]) if not frame.empty else None
+    verdicts = Verdicts()
+    labelled = dashboards.label_measures(frame)[0] if not frame.empty else frame
+    pairs = paired_differences(labelled, verdicts) if not frame.empty else None
     report = dashboards.build_report(runs, pairs)
+    if not frame.empty:
+        table = ranking.realignment_table(labelled, verdicts)
+        if not table.empty:
+            report.tables["realignment"] = table
+            report.charts.append(ranking.realignment_chart(table))
     if report.run_count == 0:
         matching = f" matching {cfg.filter!r}" if cfg.filter.strip() else ""
         raise RealignError(f"no finished realign runs to compare in experiment {experiment_label(cfg)!r}{matching} "
@@ -60,7 +67,19 @@ def build_report(cfg: CompareConfig) -> dashboards.Report:
 PAIRED_STAGES = ("attack", "expo", "fuse")
 
 
-def paired_differences(frame) -> "dashboards.pd.DataFrame":
+class Verdicts:
+    """Each run's harmful-prompt verdicts by prompt id (its eval/generations.json), read once."""
+
+    def __init__(self):
+        self._by_run: dict[str, dict[str, bool] | None] = {}
+
+    def __call__(self, run_id: str) -> dict[str, bool] | None:
+        if run_id not in self._by_run:
+            self._by_run[run_id] = tracking.harmful_verdicts(run_id)
+        return self._by_run[run_id]
+
+
+def paired_differences(frame, verdicts_of: Verdicts | None = None) -> "dashboards.pd.DataFrame":
     """Each attack, expo and fuse run against each input it was made from, over the prompts both answered.
 
     Only pairs measured alike (judge, prompt set, decoding) and both in `frame`; the verdicts are each run's
@@ -69,12 +88,7 @@ def paired_differences(frame) -> "dashboards.pd.DataFrame":
     from realign import stats
 
     by_id = frame.set_index("run_id")
-    verdicts: dict[str, dict[str, bool] | None] = {}
-
-    def verdicts_of(run_id: str) -> dict[str, bool] | None:
-        if run_id not in verdicts:
-            verdicts[run_id] = tracking.harmful_verdicts(run_id)
-        return verdicts[run_id]
+    verdicts_of = verdicts_of or Verdicts()
 
     rows = []
     for _, run in frame[frame["stage"].isin(PAIRED_STAGES) & frame["harmful_score"].notna()].iterrows():
