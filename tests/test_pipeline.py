@@ -222,8 +222,8 @@ def test_realign_methods_experiment_repairs_every_attack_with_every_method_and_r
     overrides = {"name": "realign-methods", "model": "tiny", "experiment": "methods", **train, **scores,
                  "sft.data.num_examples": "16", "dpo.data.num_examples": "16", "attack.size": "8",
                  "attack_continue.size": "8",
-                 **{f"{step}.eval.enabled": "false" for step in ("sft", "dpo", "expo", "expo_seed", "attack_continue")},
-                 **{f"attack.{key}": value for key, value in quiet_eval.items()},
+                 **{f"{step}.eval.enabled": "false" for step in ("sft", "dpo", "expo", "expo_seed")},
+                 **{f"{step}.{key}": value for step in ("attack", "attack_continue") for key, value in quiet_eval.items()},
                  **{f"{step}.{key}": value for step in REPAIR_STEPS for key, value in quiet_eval.items()},
                  # a random model writes nothing the keyword judge calls safe (see the nlsr-smollm2 test)
                  "region_lora.data.safety_source": "builtin"}
