@@ -19,7 +19,8 @@ from realign.stages.score import run_score
 
 from conftest import TINY, module_store
 from test_ops_realign_methods import _uniform
-from test_fuse import ATTACK, FUSE, _adapter_dir, _fused_weights, _linear_names, _random_masks, _score_run, _weights
+from test_fuse import (ATTACK, FUSE, _adapter_dir, _fuse_runs, _fused_weights, _linear_names, _random_masks,
+                       _score_run, _weights)
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +156,6 @@ def _antidote_mask(store, tmp_path, model_run, source):
         client.set_tag(mask_id, "realign.source.model", model_run)
     client.log_param(mask_id, "data.safety_source", source)
     return mask_id
-
-
-def _fuse_runs():
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    return {r.info.run_id: r for r in runs if r.data.tags.get(tracking.TAG_STAGE) == "fuse"}
 
 
 @pytest.mark.parametrize("case, fragment", [
