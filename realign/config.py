@@ -141,6 +141,10 @@ class EvalSettings:
     task: str = option("", "task whose test split gives finetune_accuracy (default: the attack's task; none for "
                            "align runs)")
     task_examples: int = 64
+    # Half of the chosen prompts, split by prompt id (even / odd last hex digit of SHA-256): `search` for choosing
+    # settings, `report` for the numbers reported about the chosen ones; `all` (default) keeps every prompt.
+    prompt_split: str = option("all", "all (default) | search | report: the half of the prompts, by prompt id",
+                               choices=("all", "search", "report"))
     max_new_tokens: int = 48  # greedy decoding; part of what makes two scores comparable
     batch_size: int = 16
     seed: int = 0

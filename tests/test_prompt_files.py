@@ -124,3 +124,22 @@ def _harmful_prompts(run_id, tmp_path):
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert all(row["prompt_id"] == prompt_id(row["prompt"]) for row in rows)
     return [row["prompt"] for row in rows if row["kind"] == "harmful"]
+
+
+def test_the_search_and_report_splits_halve_the_prompts_by_id_and_never_overlap():
+    from realign.config import EvalSettings
+    from realign.data.prompts import prompt_id
+    from realign.stages.evaluate import harmful_prompt_set
+
+    every = harmful_prompt_set(EvalSettings(num_prompts=120))
+    search = harmful_prompt_set(EvalSettings(num_prompts=120, prompt_split="search"))
+    report = harmful_prompt_set(EvalSettings(num_prompts=120, prompt_split="report"))
+    assert not set(search.prompts) & set(report.prompts)
+    assert sorted(search.prompts + report.prompts) == sorted(every.prompts)
+    assert all(int(prompt_id(p)[-1], 16) % 2 == 0 for p in search.prompts)
+    assert search.name == "builtin:test:search" and report.name == "builtin:test:report"
+    assert 40 <= len(search.prompts) <= 80, "about half of 120"
+    # a prompt's half depends on its text alone: a subset splits into the same halves
+    from realign.stages.evaluate import split_prompts
+
+    assert split_prompts(every.prompts[:30], "search") == [p for p in every.prompts[:30] if p in set(search.prompts)]

@@ -45,7 +45,25 @@ class PromptSet:
 
 def harmful_prompt_set(settings: EvalSettings) -> PromptSet:
     """The held-out harmful prompts an evaluation answers: a seeded sample of `num_prompts` from the builtin
-    test split, a hub dataset's test split, or a prompt file (`eval.prompts`)."""
+    test split, a hub dataset's test split, or a prompt file (`eval.prompts`); with `prompt_split` search or
+    report, the half of them that split holds (`split_prompts`)."""
+    chosen = _chosen_prompts(settings)
+    if settings.prompt_split == "all":
+        return chosen
+    return PromptSet(f"{chosen.name}:{settings.prompt_split}", split_prompts(chosen.prompts, settings.prompt_split),
+                     path=chosen.path)
+
+
+def split_prompts(prompts: list[str], split: str) -> list[str]:
+    """The prompts of one half: `search` those whose prompt id ends in an even hex digit, `report` the others.
+    A prompt's half depends on its text alone, so it never moves between halves as the set grows."""
+    from realign.data.prompts import prompt_id
+
+    wanted = 0 if split == "search" else 1
+    return [p for p in prompts if int(prompt_id(p)[-1], 16) % 2 == wanted]
+
+
+def _chosen_prompts(settings: EvalSettings) -> PromptSet:
     import random
 
     from realign.data.prompts import read_prompt_file
