@@ -178,5 +178,25 @@ def pipeline(ctx: click.Context, dry_run: bool, **named) -> None:
     _run_with_overrides(run_pipeline, named, ctx.args)
 
 
+@main.command(context_settings=EXTRA_ARGS)
+@click.option("--name", help="conf/search/<name>.yaml or a path to a search file (default: restore-smollm2)")
+@click.option("--n-trials", "n_trials", help="trials to run now (default 12); the study keeps the ones before")
+@click.option("--timeout", help="stop starting trials after this many seconds")
+@click.option("--storage", help="Optuna storage URL (default: beside a sqlite tracking store, else ./realign-search.db)")
+@click.option("--sampler", help="nsga2 (default) | tpe | random")
+@click.option("--model", help="conf/model/<preset>.yaml for every step (default: the search file's)")
+@click.option("--experiment", help="MLflow experiment of every run (default as the pipeline's)")
+@click.option("--dry-run", is_flag=True, help="read and check the search file and every step's config; run nothing")
+@click.pass_context
+def search(ctx: click.Context, dry_run: bool, **named) -> None:
+    """A multi-objective study over a declared space; every trial a chain of stage runs (realign/search.py)."""
+    from realign.stages.search import plan_search, run_search
+
+    if dry_run:
+        _dry_run(plan_search, named, ctx.args)
+        return
+    _run_with_overrides(run_search, named, ctx.args)
+
+
 if __name__ == "__main__":
     main()

@@ -214,6 +214,17 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def field_type(cls: type, dotted: str) -> Any:
+    """The annotation of option `dotted` (eval.judge: the nested field) of config class `cls`, None when it has none."""
+    head, _, rest = dotted.partition(".")
+    types = _field_types(cls)
+    if head not in types:
+        return None
+    if not rest:
+        return types[head]
+    return field_type(types[head], rest) if dataclasses.is_dataclass(types[head]) else None
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Turn a YAML or command-line value into the annotated type, or explain what was expected."""
     origin = typing.get_origin(annotation)

@@ -216,6 +216,15 @@ def stage_params(stage: str, overrides: dict[str, Any]) -> dict[str, str] | None
     return base.stage_params(stage_table().get(stage), overrides)
 
 
+def run_or_reuse(stage: str, resolved: dict[str, Any], experiment: str) -> tuple[str, bool]:
+    """(run id, reused): a finished run of `stage` with exactly these resolved params, else a new run of it."""
+    params = stage_params(stage, resolved)
+    reusable = tracking.find_reusable_run(stage, params, experiment) if params else None
+    if reusable:
+        return reusable, True
+    return base.run_stage(stage_table().get(stage), resolved), False
+
+
 def check_cells(spec: Experiment) -> None:
     """Resolve every cell's stage config before anything runs, with stand-in ids for runs not made yet.
 
@@ -260,13 +269,10 @@ def run_pipeline(overrides: dict[str, Any]) -> str:
             resolved = {k: _resolve_value(v, cell, done, spec.path) for k, v in cell.overrides.items()}
             resolved["experiment"] = spec.experiment
             _progress(f"[{index}/{total}] {cell.label} ({cell.stage}) ...")
-            params = stage_params(cell.stage, resolved)
-            reusable = tracking.find_reusable_run(cell.stage, params, spec.experiment) if params else None
-            if reusable:
-                cell.run_id, cell.reused = reusable, True
-                _progress(f"[{index}/{total}] {cell.label}: reused run {reusable}")
+            cell.run_id, cell.reused = run_or_reuse(cell.stage, resolved, spec.experiment)
+            if cell.reused:
+                _progress(f"[{index}/{total}] {cell.label}: reused run {cell.run_id}")
             else:
-                cell.run_id = base.run_stage(stage_table().get(cell.stage), resolved)
                 _progress(f"[{index}/{total}] {cell.label}: run {cell.run_id} "
                           f"({time.monotonic() - started:.0f} s so far, {total - index} to go)")
             done.setdefault(cell.step, []).append(cell)

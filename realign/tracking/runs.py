@@ -28,6 +28,7 @@ _CLAIMED: set[str] = set()  # project runs (MLFLOW_RUN_ID) a stage or pipeline o
 
 
 _NEST_UNDER: list[str] = []  # open parent runs (a pipeline's) that new stage runs are nested under, innermost last
+_NEW_RUN_TAGS: list[dict[str, str]] = []  # tags every stage run opened inside `tagging_new_runs` starts with
 
 
 class StageRun:
@@ -220,9 +221,22 @@ def _start_stage_run(stage: str, experiment: str, run_name: str | None, new_run:
         experiment_id = get_or_create_experiment(experiment_name(experiment))
         if parent:
             base_tags["mlflow.parentRunId"] = parent
+        for tags in _NEW_RUN_TAGS:
+            base_tags.update(tags)
         run_id = create_run(experiment_id, run_name or stage, base_tags)
     mark_dead_runs(experiment_id)
     return run_id
+
+
+@contextlib.contextmanager
+def tagging_new_runs(tags: dict[str, str]) -> Iterator[None]:
+    """Every stage run opened inside starts with `tags` (a search's study and trial number), so a run that fails
+    is found by them too."""
+    _NEW_RUN_TAGS.append(dict(tags))
+    try:
+        yield
+    finally:
+        _NEW_RUN_TAGS.pop()
 
 
 def claim_project_run(project: str, experiment: str) -> str:

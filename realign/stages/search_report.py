@@ -1,0 +1,86 @@
+"""The end of a search: the Pareto-optimal trials evaluated again on the report half of the prompts, the table of
+every trial (`search/pareto.json`) and the front as a plotly figure on the parent run."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from realign import tracking
+from realign.search import SearchSpec
+
+REPORTED = ("harmful_score", "refusal_rate", "benign_refusal_rate", "finetune_accuracy")
+
+
+def report_evaluation(spec: SearchSpec, run_id: str, experiment: str) -> dict[str, float]:
+    """The trial's last run evaluated on the report half, as it was on the search half otherwise (an evaluate run,
+    reused when one exists); returns report_<metric> values, also logged on the trial's run."""
+    from realign.stages.pipeline import run_or_reuse
+
+    run = tracking.client().get_run(run_id)
+    settings = {k: v for k, v in run.data.params.items() if k.startswith("eval.")}
+    settings.update({"eval.prompt_split": "report", "eval.enabled": "true"})
+    if not settings.get("eval.task"):
+        settings["eval.task"] = run.data.tags.get(tracking.TAG_TASK, "")
+    overrides = {"run": run_id, "experiment": experiment, **settings}
+    if spec.model:
+        overrides["model"] = spec.model
+    evaluate_id, _ = run_or_reuse("evaluate", overrides, experiment)
+    metrics = tracking.run_metrics(evaluate_id)
+    reported = {f"report_{key}": value for key, value in metrics.items()
+                if key.split("_ci95_")[0] in REPORTED and not key.endswith("_n")}
+    for key, value in reported.items():
+        tracking.client().log_metric(run_id, key, value)
+    return reported
+
+
+def log_front(spec: SearchSpec, study, parent_id: str, experiment: str) -> None:
+    import optuna
+
+    last = list(spec.steps)[-1]
+    front = {t.number for t in study.best_trials}
+    rows: dict[str, list] = {k: [] for k in ("trial", "state", "params", "on_front", "run_id")}
+    for metric, _ in spec.objectives:
+        rows[metric] = []
+        rows[f"report_{metric}"] = []
+    for trial in study.trials:
+        run_id = trial.user_attrs.get(f"run:{last}", "")
+        complete = trial.state == optuna.trial.TrialState.COMPLETE
+        reported = report_evaluation(spec, run_id, experiment) if complete and trial.number in front else {}
+        rows["trial"].append(trial.number)
+        rows["state"].append(trial.state.name)
+        rows["params"].append(json.dumps(trial.params, sort_keys=True))
+        rows["on_front"].append(trial.number in front)
+        rows["run_id"].append(run_id)
+        for index, (metric, _) in enumerate(spec.objectives):
+            rows[metric].append(trial.values[index] if complete else None)
+            rows[f"report_{metric}"].append(reported.get(f"report_{metric}"))
+    tracking.log_parent_table(parent_id, rows, "search/pareto.json")
+    figure = front_figure(spec, rows)
+    if figure is not None:
+        tracking.client().log_figure(parent_id, figure, "figures/pareto.html")
+
+
+def front_figure(spec: SearchSpec, rows: dict[str, list]) -> Any:
+    """All complete trials on the first two objectives, the front marked, the report-half values beside it."""
+    if len(spec.objectives) < 2:
+        return None
+    import plotly.graph_objects as go
+
+    (x_metric, _), (y_metric, _) = spec.objectives[:2]
+    done = [i for i, state in enumerate(rows["state"]) if state == "COMPLETE"]
+    figure = go.Figure()
+    for on_front, name, symbol in ((False, "trials", "circle-open"), (True, "Pareto front (search half)", "circle")):
+        picked = [i for i in done if rows["on_front"][i] == on_front]
+        figure.add_trace(go.Scatter(x=[rows[x_metric][i] for i in picked], y=[rows[y_metric][i] for i in picked],
+                                    mode="markers", name=name, marker={"symbol": symbol, "size": 10},
+                                    text=[f"trial {rows['trial'][i]}: {rows['params'][i]}" for i in picked],
+                                    hovertemplate="%{text}<br>%{x:.1f}, %{y:.1f}<extra></extra>"))
+    reported = [i for i in done if rows[f"report_{x_metric}"][i] is not None]
+    if reported:
+        figure.add_trace(go.Scatter(x=[rows[f"report_{x_metric}"][i] for i in reported],
+                                    y=[rows[f"report_{y_metric}"][i] for i in reported], mode="markers",
+                                    name="front, report half", marker={"symbol": "diamond", "size": 10}))
+    figure.update_layout(title=f"search {spec.study}: {x_metric} vs {y_metric}", xaxis_title=x_metric,
+                         yaxis_title=y_metric, template="plotly_white")
+    return figure

@@ -1,0 +1,128 @@
+"""`realign search` on the tiny model: a study's trials as nested fuse runs on the search half of the prompts,
+conditional parameters, reuse of identical trials, a failed trial that does not stop the search, resuming the
+study, the front re-evaluated on the report half, and bad search files refused before the first trial."""
+
+import json
+
+import mlflow
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from realign import tracking
+from realign.cli import main
+from realign.stages.align import run_align
+from realign.stages.attack import run_attack
+from realign.stages.search import run_search
+
+from conftest import TINY, module_store
+from test_fuse import ATTACK
+
+QUIET_EVAL = {"eval.judge": "keyword", "eval.num_prompts": 8, "eval.max_new_tokens": 4, "eval.task_examples": 4,
+              "eval.benign_prompts": 2}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    with module_store(tmp_path_factory, "search-store") as (folder, uri):
+        quiet = {**TINY, "eval.enabled": "false"}
+        sft = run_align({**quiet, "method": "sft"})
+        dpo = run_align({**quiet, "method": "dpo", "sft_run": sft})
+        attack = run_attack({**ATTACK, "source_run": dpo})
+        yield {"folder": folder, "uri": uri, "sft": sft, "dpo": dpo, "attack": attack}
+
+
+def _search_file(tmp_path, store, space, study="tiny-study", repair=None, **extra):
+    spec = {"study": study, "model": "tiny", "experiment": "searches",
+            "steps": {"repair": {"stage": "fuse", "finetuned_run": store["attack"], "reference_run": store["dpo"],
+                                 "method": "task_arithmetic", **QUIET_EVAL, **(repair or {})}},
+            "space": space, "sampler": "random", "seed": 0, **extra}
+    path = tmp_path / f"{study}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(path)
+
+
+def _runs(stage):
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    return [r for r in runs if r.data.tags.get(tracking.TAG_STAGE) == stage]
+
+
+def _pareto(parent_id, tmp_path):
+    local = mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="search/pareto.json",
+                                                dst_path=str(tmp_path / parent_id))
+    table = json.loads(open(local).read())
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def test_trials_are_nested_fuse_runs_on_the_search_half_and_the_front_is_reported_on_the_other(store, tmp_path):
+    space = {"repair.method": {"type": "categorical", "choices": ["task_arithmetic", "ties"]},
+             "repair.scale": {"type": "float", "low": 0.2, "high": 1.0},
+             "repair.density": {"type": "float", "low": 0.1, "high": 0.9, "when": {"repair.method": ["ties"]}}}
+    path = _search_file(tmp_path, store, space)
+    parent = run_search({"name": path, "n_trials": 4, "storage": f"sqlite:///{tmp_path / 'study.db'}"})
+    parent_run = mlflow.get_run(parent)
+    assert parent_run.info.status == "FINISHED" and parent_run.data.tags["mlflow.runName"] == "search/tiny-study"
+    assert parent_run.data.metrics["search_seconds_per_trial"] > 0
+    rows = _pareto(parent, tmp_path)
+    assert len(rows) == 4 and all(r["state"] == "COMPLETE" for r in rows)
+    for row in rows:
+        params = json.loads(row["params"])
+        assert ("repair.density" in params) == (params["repair.method"] == "ties"), "density only where ties"
+        run = mlflow.get_run(row["run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["realign.study"] == "tiny-study"
+        assert run.data.params["eval.prompt_split"] == "search"
+        assert run.data.metrics["harmful_score"] == pytest.approx(row["harmful_score"])
+        if row["on_front"]:
+            assert row["report_harmful_score"] is not None and "report_harmful_score" in run.data.metrics
+        else:
+            assert row["report_harmful_score"] is None
+    evaluations = _runs("evaluate")
+    assert evaluations and all(r.data.params["eval.prompt_split"] == "report" for r in evaluations)
+    assert sum(r["on_front"] for r in rows) == len(evaluations)
+
+    again = run_search({"name": path, "n_trials": 2, "storage": f"sqlite:///{tmp_path / 'study.db'}"})
+    assert len(_pareto(again, tmp_path)) == 6, "the second call adds 2 trials to the same study"
+
+
+def test_an_identical_trial_reuses_the_finished_run(store, tmp_path):
+    path = _search_file(tmp_path, store, {"repair.method": {"type": "categorical", "choices": ["average"]}},
+                        study="one-point")
+    before = len(_runs("fuse"))
+    parent = run_search({"name": path, "n_trials": 3, "storage": f"sqlite:///{tmp_path / 'one.db'}"})
+    rows = _pareto(parent, tmp_path)
+    assert len({r["run_id"] for r in rows}) == 1 and len(_runs("fuse")) == before + 1
+
+
+def test_a_failed_trial_is_failed_in_mlflow_and_the_study_and_the_search_goes_on(store, tmp_path):
+    # lora mode cannot fuse an attack on the DPO model with the DPO adapter (different bases): that trial fails
+    space = {"repair.mode": {"type": "categorical", "choices": ["full", "lora"]}}
+    path = _search_file(tmp_path, store, space, study="with-failures")
+    parent = run_search({"name": path, "n_trials": 6, "storage": f"sqlite:///{tmp_path / 'fail.db'}"})
+    rows = _pareto(parent, tmp_path)
+    states = {json.loads(r["params"])["repair.mode"]: r["state"] for r in rows}
+    assert states == {"full": "COMPLETE", "lora": "FAIL"}
+    failed = [r for r in _runs("fuse") if r.data.tags.get("realign.study") == "with-failures"
+              and r.info.status == "FAILED"]
+    assert failed and "mode=lora needs adapters on one base" in failed[0].data.tags[tracking.TAG_ERROR]
+
+
+@pytest.mark.parametrize("space, extra, fragment", [
+    ({"repair.no_such_option": {"type": "float", "low": 0, "high": 1}}, {}, "fuse has no option 'no_such_option'"),
+    ({"repair.scale": {"type": "float", "low": 0.5, "high": 0.5}}, {}, "has an empty range [0.5, 0.5]"),
+    ({"repair.scale": {"type": "log-float", "low": 0, "high": 1}}, {}, "needs low > 0"),
+    ({"repair.method": {"type": "categorical", "choices": []}}, {}, "has no choices"),
+    ({"repair.scale": {"type": "float", "low": 0.1, "high": 1}}, {"sampler": "grid-of-doom"}, "unknown sampler"),
+    ({"repair.scale": {"type": "float", "low": 0.1, "high": 1}},
+     {"objectives": [{"metric": "happiness", "direction": "maximize"}]}, "objective 'happiness' is not a metric"),
+    ({"repair.density": {"type": "float", "low": 0.1, "high": 1, "when": {"repair.method": ["ties"]}},
+      "repair.method": {"type": "categorical", "choices": ["ties"]}}, {}, "not a parameter listed before it"),
+    ({"nostep.scale": {"type": "float", "low": 0.1, "high": 1}}, {}, "parameter 'nostep.scale' names no step"),
+])
+def test_a_bad_search_file_fails_in_one_line_before_the_first_trial(store, tmp_path, space, extra, fragment):
+    path = _search_file(tmp_path, store, space, study="bad", **extra)
+    before, parents = len(_runs("fuse")), len(_runs("search"))
+    result = CliRunner().invoke(main, ["search", "--name", path, "--storage", f"sqlite:///{tmp_path / 'bad.db'}"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+    assert len(_runs("fuse")) == before and len(_runs("search")) == parents, "no trial, no parent run"
