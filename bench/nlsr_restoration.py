@@ -10,7 +10,12 @@ Prints one `name: value` line per measurement and a markdown table: attacked vs 
 judge, the default held-out prompts), the paired difference with its 95 % interval and McNemar's p, refusal rate
 and fine-tune accuracy, and how much of the attack's update ‖ΔW_attack‖² the restored region covers.
 
-    .venv/bin/python bench/nlsr_restoration.py --workdir /tmp/nlsr-bench     # ~1.5 h on 2 CPU cores; resumable
+    .venv/bin/python bench/nlsr_restoration.py --workdir /tmp/nlsr-bench     # hours on 2 CPU cores; resumable
+
+Cost, measured on 2 CPU cores (2026-12-02, partly shared with other jobs): SFT 848 s, DPO 820 s, each EXPO ~135 s, the
+LoRA region (self-calibrated) 816 s, the Wanda region 436 s, one attack with its evaluation > 1450 s; with 12 attacks
+and 12 evaluated restorations the whole bench needs roughly 6-8 h there (a GPU: minutes). It is resumable: run it
+again with the same --workdir and every finished cell is reused.
 """
 
 from __future__ import annotations
