@@ -50,12 +50,17 @@ def test_every_stage_is_a_cli_command_with_one_option_per_documented_field():
 
 def test_every_mlproject_parameter_is_its_stages_config_key_with_the_same_default():
     """An MLproject default is the config field's own default, or "" (= keep the recipe's value), or absent
-    (a required input); every entry but main is a stage of the table."""
+    (a required input); every entry but main and search is a stage of the table."""
     project = yaml.safe_load(MLPROJECT.read_text())
     stages = stage_table()
     for entry, spec in project["entry_points"].items():
         if entry == "main":
             assert "realign pipeline" in spec["command"]
+            continue
+        if entry == "search":  # not a stage: its parameters are the search command's own options
+            options = {opt for param in main.get_command(click.Context(main), "search").params for opt in param.opts}
+            for parameter in spec["parameters"]:
+                assert f"--{parameter.replace('_', '-')}" in options and f"{{{parameter}}}" in spec["command"]
             continue
         stage: Stage = stages.get(entry)
         for parameter, declared in spec.get("parameters", {}).items():

@@ -80,6 +80,12 @@ def test_trials_are_nested_fuse_runs_on_the_search_half_and_the_front_is_reporte
     assert evaluations and all(r.data.params["eval.prompt_split"] == "report" for r in evaluations)
     assert sum(r["on_front"] for r in rows) == len(evaluations)
 
+    figure_file = mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="figures/pareto.html",
+                                                      dst_path=str(tmp_path / "figure"))
+    page = open(figure_file).read()
+    assert "attacked (unrepaired) (all prompts)" in page and "safety reference (all prompts)" in page
+    assert "Pareto front (search half)" in page
+
     again = run_search({"name": path, "n_trials": 2, "storage": f"sqlite:///{tmp_path / 'study.db'}"})
     assert len(_pareto(again, tmp_path)) == 6, "the second call adds 2 trials to the same study"
 

@@ -56,26 +56,71 @@ def log_front(spec: SearchSpec, study, parent_id: str, experiment: str) -> None:
             rows[metric].append(trial.values[index] if complete else None)
             rows[f"report_{metric}"].append(reported.get(f"report_{metric}"))
     tracking.log_parent_table(parent_id, rows, "search/pareto.json")
-    figure = front_figure(spec, rows)
+    figure = front_figure(spec, rows, intervals(spec, rows), anchors(rows))
     if figure is not None:
         tracking.client().log_figure(parent_id, figure, "figures/pareto.html")
 
 
-def front_figure(spec: SearchSpec, rows: dict[str, list]) -> Any:
-    """All complete trials on the first two objectives, the front marked, the report-half values beside it."""
+def intervals(spec: SearchSpec, rows: dict[str, list]) -> dict[str, list[tuple[float, float] | None]]:
+    """Each trial's 95 % interval of each objective (its run's `<metric>_ci95_low/high`), None where not logged."""
+    out: dict[str, list] = {metric: [] for metric, _ in spec.objectives}
+    for run_id, state in zip(rows["run_id"], rows["state"]):
+        metrics = tracking.run_metrics(run_id) if run_id and state == "COMPLETE" else {}
+        for metric in out:
+            low, high = metrics.get(f"{metric}_ci95_low"), metrics.get(f"{metric}_ci95_high")
+            out[metric].append((low, high) if low is not None and high is not None else None)
+    return out
+
+
+def anchors(rows: dict[str, list]) -> dict[str, dict[str, float]]:
+    """The unrepaired attacked model and the safety reference of the trials' last runs (their own evaluations, on
+    all of the held-out prompts), by role."""
+    run_id = next((r for r, state in zip(rows["run_id"], rows["state"]) if r and state == "COMPLETE"), "")
+    if not run_id:
+        return {}
+    tags = tracking.client().get_run(run_id).data.tags
+    found = {}
+    for role, label in (("finetuned", "attacked (unrepaired)"), ("reference", "safety reference")):
+        source = tags.get(f"{tracking.TAG_SOURCE}{role}", "")
+        if source:
+            found[label] = tracking.run_metrics(source)
+    return found
+
+
+def _error(values: list, bounds: list) -> dict:
+    if not any(bounds):
+        return {}
+    return {"type": "data", "symmetric": False,
+            "array": [b[1] - v if b else 0.0 for v, b in zip(values, bounds)],
+            "arrayminus": [v - b[0] if b else 0.0 for v, b in zip(values, bounds)]}
+
+
+def front_figure(spec: SearchSpec, rows: dict[str, list], bounds: dict[str, list] | None = None,
+                 anchor_metrics: dict[str, dict[str, float]] | None = None) -> Any:
+    """All complete trials on the first two objectives (95 % intervals), the front marked, the report-half values
+    of the front, and the unrepaired and reference models as anchors."""
     if len(spec.objectives) < 2:
         return None
     import plotly.graph_objects as go
 
     (x_metric, _), (y_metric, _) = spec.objectives[:2]
+    none = [None] * len(rows["trial"])
+    x_bounds, y_bounds = (bounds or {}).get(x_metric, none), (bounds or {}).get(y_metric, none)
     done = [i for i, state in enumerate(rows["state"]) if state == "COMPLETE"]
     figure = go.Figure()
     for on_front, name, symbol in ((False, "trials", "circle-open"), (True, "Pareto front (search half)", "circle")):
         picked = [i for i in done if rows["on_front"][i] == on_front]
-        figure.add_trace(go.Scatter(x=[rows[x_metric][i] for i in picked], y=[rows[y_metric][i] for i in picked],
-                                    mode="markers", name=name, marker={"symbol": symbol, "size": 10},
+        xs, ys = [rows[x_metric][i] for i in picked], [rows[y_metric][i] for i in picked]
+        figure.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name=name, marker={"symbol": symbol, "size": 10},
+                                    error_x=_error(xs, [x_bounds[i] for i in picked]),
+                                    error_y=_error(ys, [y_bounds[i] for i in picked]),
                                     text=[f"trial {rows['trial'][i]}: {rows['params'][i]}" for i in picked],
                                     hovertemplate="%{text}<br>%{x:.1f}, %{y:.1f}<extra></extra>"))
+    for label, metrics in (anchor_metrics or {}).items():
+        if x_metric in metrics and y_metric in metrics:
+            figure.add_trace(go.Scatter(x=[metrics[x_metric]], y=[metrics[y_metric]], mode="markers+text",
+                                        name=f"{label} (all prompts)", text=[label], textposition="top center",
+                                        marker={"symbol": "x", "size": 12}))
     reported = [i for i in done if rows[f"report_{x_metric}"][i] is not None]
     if reported:
         figure.add_trace(go.Scatter(x=[rows[f"report_{x_metric}"][i] for i in reported],
