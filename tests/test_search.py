@@ -28,7 +28,9 @@ def chain(tmp_path_factory):
         quiet = {**TINY, "eval.enabled": "false"}
         sft = run_align({**quiet, "method": "sft"})
         dpo = run_align({**quiet, "method": "dpo", "sft_run": sft})
-        attack = run_attack({**ATTACK, "source_run": dpo})
+        # evaluated, so the front's figure has the unrepaired model as its anchor
+        attack = run_attack({**ATTACK, "source_run": dpo, "eval.enabled": "true",
+                             **{k: str(v) for k, v in QUIET_EVAL.items()}})
         yield {"folder": folder, "uri": uri, "sft": sft, "dpo": dpo, "attack": attack}
 
 
@@ -83,7 +85,8 @@ def test_trials_are_nested_fuse_runs_on_the_search_half_and_the_front_is_reporte
     figure_file = mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="figures/pareto.html",
                                                       dst_path=str(tmp_path / "figure"))
     page = open(figure_file).read()
-    assert "attacked (unrepaired) (all prompts)" in page and "safety reference (all prompts)" in page
+    assert "attacked (unrepaired) (all prompts)" in page  # the reference (dpo) was not evaluated here: no anchor
+    assert "safety reference (all prompts)" not in page
     assert "Pareto front (search half)" in page
 
     again = run_search({"name": path, "n_trials": 2, "storage": f"sqlite:///{tmp_path / 'study.db'}"})
