@@ -49,11 +49,11 @@ def _runs(stage):
     return [r for r in runs if r.data.tags.get(tracking.TAG_STAGE) == stage]
 
 
-def _pareto(parent_id, tmp_path):
-    local = mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="search/pareto.json",
-                                                dst_path=str(tmp_path / parent_id))
-    table = json.loads(open(local).read())
-    return [dict(zip(table["columns"], row)) for row in table["data"]]
+def _pareto(parent_id):
+    """The parent's search/pareto.json (MLflow's table), one dict per trial; NaN cells as None."""
+    experiment_id = mlflow.get_run(parent_id).info.experiment_id
+    table = mlflow.MlflowClient().load_table(experiment_id, "search/pareto.json", run_ids=[parent_id])
+    return [{k: (None if v != v else v) for k, v in row.items()} for row in table.to_dict("records")]
 
 
 def test_trials_are_nested_fuse_runs_on_the_search_half_and_the_front_is_reported_on_the_other(store, tmp_path):
@@ -65,7 +65,7 @@ def test_trials_are_nested_fuse_runs_on_the_search_half_and_the_front_is_reporte
     parent_run = mlflow.get_run(parent)
     assert parent_run.info.status == "FINISHED" and parent_run.data.tags["mlflow.runName"] == "search/tiny-study"
     assert parent_run.data.metrics["search_seconds_per_trial"] > 0
-    rows = _pareto(parent, tmp_path)
+    rows = _pareto(parent)
     assert len(rows) == 4 and all(r["state"] == "COMPLETE" for r in rows)
     for row in rows:
         params = json.loads(row["params"])
@@ -90,7 +90,7 @@ def test_trials_are_nested_fuse_runs_on_the_search_half_and_the_front_is_reporte
     assert "Pareto front (search half)" in page
 
     again = run_search({"name": path, "n_trials": 2, "storage": f"sqlite:///{tmp_path / 'study.db'}"})
-    assert len(_pareto(again, tmp_path)) == 6, "the second call adds 2 trials to the same study"
+    assert len(_pareto(again)) == 6, "the second call adds 2 trials to the same study"
 
 
 def test_an_identical_trial_reuses_the_finished_run(store, tmp_path):
@@ -98,7 +98,7 @@ def test_an_identical_trial_reuses_the_finished_run(store, tmp_path):
                         study="one-point")
     before = len(_runs("fuse"))
     parent = run_search({"name": path, "n_trials": 3, "storage": f"sqlite:///{tmp_path / 'one.db'}"})
-    rows = _pareto(parent, tmp_path)
+    rows = _pareto(parent)
     assert len({r["run_id"] for r in rows}) == 1 and len(_runs("fuse")) == before + 1
 
 
@@ -107,7 +107,7 @@ def test_a_failed_trial_is_failed_in_mlflow_and_the_study_and_the_search_goes_on
     space = {"repair.mode": {"type": "categorical", "choices": ["full", "lora"]}}
     path = _search_file(tmp_path, store, space, study="with-failures")
     parent = run_search({"name": path, "n_trials": 6, "storage": f"sqlite:///{tmp_path / 'fail.db'}"})
-    rows = _pareto(parent, tmp_path)
+    rows = _pareto(parent)
     states = {json.loads(r["params"])["repair.mode"]: r["state"] for r in rows}
     assert states == {"full": "COMPLETE", "lora": "FAIL"}
     failed = [r for r in _runs("fuse") if r.data.tags.get("realign.study") == "with-failures"
