@@ -15,7 +15,8 @@ and fine-tune accuracy, and how much of the attack's update ‖ΔW_attack‖² t
 Cost, measured on 2 CPU cores (2026-12-02, partly shared with other jobs): SFT 848 s, DPO 820 s, each EXPO ~135 s, the
 LoRA region (self-calibrated) 816 s, the Wanda region 436 s, one attack with its evaluation > 1450 s; with 12 attacks
 and 12 evaluated restorations the whole bench needs roughly 6-8 h there (a GPU: minutes). It is resumable: run it
-again with the same --workdir and every finished cell is reused.
+again with the same --workdir and every finished cell is reused, as long as realign's code and conf/ are
+unchanged (the pipeline reuses only runs of the same `realign.code_version`; after any change it retrains).
 """
 
 from __future__ import annotations
