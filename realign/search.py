@@ -40,7 +40,7 @@ PARAM_TYPES = ("float", "log-float", "int", "categorical")
 SAMPLERS = ("nsga2", "tpe", "random")
 DIRECTIONS = ("minimize", "maximize")
 SPEC_KEYS = ("study", "experiment", "model", "steps", "space", "objectives", "sampler", "seed")
-_STEP_REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)\}")
+STEP_REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)\}")
 _NEWEST = re.compile(r"^newest:([a-z]+)(?:/([\w-]+))?$")
 
 
@@ -120,7 +120,7 @@ def load_search(name_or_path: str, overrides: dict[str, Any] | None = None) -> S
             raise RealignError(f"{where}: step {step_name!r} names no stage a trial can run",
                                "use stage: score, fuse, expo, attack or align")
         for value in step.values():
-            for ref in _STEP_REFERENCE.findall(str(value)):
+            for ref in STEP_REFERENCE.findall(str(value)):
                 if ref not in steps or list(steps).index(ref) >= list(steps).index(step_name):
                     raise RealignError(f"{where}: step {step_name!r} refers to ${{{ref}}}, not an earlier step",
                                        f"use one of the steps before it: {', '.join(list(steps)[:list(steps).index(step_name)]) or 'none'}")

@@ -24,7 +24,7 @@ from typing import Any
 
 from realign import tracking
 from realign.errors import RealignError
-from realign.search import SearchSpec, load_search, resolve_newest
+from realign.search import STEP_REFERENCE, SearchSpec, load_search, resolve_newest
 
 TAG_STUDY = "realign.study"
 TAG_TRIAL = "realign.trial"
@@ -88,14 +88,12 @@ def check_spec(spec: SearchSpec) -> None:
 
 def step_overrides(spec: SearchSpec, step: str, values: dict[str, Any], run_ids: dict[str, str]) -> dict[str, Any]:
     """A step's overrides for one trial: the file's, the sampled ones, the search half of the prompts."""
-    import re
-
     out: dict[str, Any] = {}
     for key, value in spec.steps[step].items():
         if key == "stage":
             continue
         if isinstance(value, str):
-            value = re.sub(r"\$\{([A-Za-z_][\w-]*)\}", lambda m: run_ids[m.group(1)], value)
+            value = STEP_REFERENCE.sub(lambda m: run_ids[m.group(1)], value)
         out[key] = value
     out.update({name.split(".", 1)[1]: value for name, value in values.items() if name.split(".", 1)[0] == step})
     out["eval.prompt_split"] = "search"
