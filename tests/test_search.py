@@ -135,3 +135,129 @@ def test_a_bad_search_file_fails_in_one_line_before_the_first_trial(store, tmp_p
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
     assert len(_runs("fuse")) == before and len(_runs("search")) == parents, "no trial, no parent run"
+
+
+def test_compare_shows_the_front_of_every_search(store, tmp_path):
+    from realign.stages.compare import run_compare
+
+    space = {"repair.scale": {"type": "float", "low": 0.2, "high": 1.0}}
+    for study in ("front-a", "front-b"):
+        run_search({"name": _search_file(tmp_path, store, space, study=study), "n_trials": 2,
+                    "storage": f"sqlite:///{tmp_path / 'fronts.db'}"})
+    compare_id = run_compare({"experiment": "searches"})
+    folder = mlflow.artifacts.download_artifacts(run_id=compare_id, dst_path=str(tmp_path / "compare"))
+    import pandas as pd
+
+    table = pd.read_csv(f"{folder}/tables/search_fronts.csv")
+    assert {"front-a", "front-b"} <= set(table["study"]), "every search of the experiment, not only the newest"
+    assert table["report_harmful_score"].notna().all(), "every front trial carries its report-half numbers"
+    for study in ("front-a", "front-b"):
+        figure = json.load(open(f"{folder}/figures/search_{study}.json"))
+        assert "Pareto front (search half)" in {trace.get("name") for trace in figure["data"]}
+
+
+def test_a_search_step_of_a_pipeline_fills_its_study_once_and_nests_under_the_pipeline(store, tmp_path):
+    from realign.stages.pipeline import run_pipeline
+
+    path = _search_file(tmp_path, store, {"repair.scale": {"type": "float", "low": 0.2, "high": 1.0}},
+                        study="in-pipeline", seed=7)  # points no other test's study samples: no reuse
+    experiment_file = tmp_path / "with-search.yaml"
+    experiment_file.write_text(yaml.safe_dump({"experiment": "searches", "model": "tiny", "steps": {
+        "sweep": {"stage": "search", "name": path, "n_trials": 2, "storage": f"sqlite:///{tmp_path / 'p.db'}",
+                  "repair.finetuned_run": store["attack"]}}}))
+    first = run_pipeline({"name": str(experiment_file)})
+    (search_parent,) = [r for r in _runs("search") if r.data.tags.get("realign.study") == "in-pipeline"]
+    assert search_parent.data.tags["mlflow.parentRunId"] == first
+    rows = _pareto(search_parent.info.run_id)
+    assert len(rows) == 2 and all(mlflow.get_run(r["run_id"]).data.tags["mlflow.parentRunId"]
+                                  == search_parent.info.run_id for r in rows)
+    run_pipeline({"name": str(experiment_file)})
+    assert len([r for r in _runs("search") if r.data.tags.get("realign.study") == "in-pipeline"]) == 1, \
+        "the study already holds n_trials: the second pipeline call reuses the search"
+    bad = tmp_path / "bad-search.yaml"
+    bad.write_text(yaml.safe_dump({"experiment": "searches", "model": "tiny", "steps": {
+        "sweep": {"stage": "search", "name": path, "nostep.scale": 1}}}))
+    result = CliRunner().invoke(main, ["pipeline", "--name", str(bad)])
+    assert result.exit_code == 2 and "override 'nostep.scale' names no step" in result.output, result.output
+
+
+def _cli_env(store):
+    import os
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def _study_trials(storage, study):
+    import optuna
+
+    return optuna.load_study(study_name=study, storage=storage).trials
+
+
+def test_a_search_killed_mid_trial_loses_only_that_trial_and_resumes(store, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # a longer evaluation, so that a trial is in flight for long enough to be caught
+    path = _search_file(tmp_path, store, {"repair.scale": {"type": "float", "low": 0.2, "high": 1.0}},
+                        study="killed", repair={"eval.num_prompts": 32, "eval.max_new_tokens": 32}, seed=8)
+    storage = f"sqlite:///{tmp_path / 'killed.db'}"
+    process = subprocess.Popen([sys.executable, "-m", "realign.cli", "search", "--name", path, "--n-trials", "20",
+                                "--storage", storage], cwd=tmp_path, env=_cli_env(store),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, in_flight = time.monotonic() + 300, None
+    while in_flight is None and process.poll() is None and time.monotonic() < deadline:
+        running = [r for r in _runs("fuse") if r.data.tags.get("realign.study") == "killed"
+                   and r.info.status == "RUNNING"]
+        if running:
+            os.kill(process.pid, signal.SIGSTOP)  # frozen: the run seen RUNNING is in flight if it still is
+            if mlflow.get_run(running[0].info.run_id).info.status == "RUNNING":
+                in_flight, stopped_at = running[0], time.monotonic()
+                break
+            os.kill(process.pid, signal.SIGCONT)
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert in_flight is not None, "a trial must be in flight when the search is killed"
+    killed_trial = int(in_flight.data.tags["realign.trial"])
+    finished_before = [t for t in _study_trials(storage, "killed") if t.state.name == "COMPLETE"]
+    time.sleep(max(0.0, stopped_at + 16 - time.monotonic()))  # Optuna's grace period for a silent heartbeat
+
+    parent = run_search({"name": path, "n_trials": 2, "storage": storage})
+    trials = {t.number: t.state.name for t in _study_trials(storage, "killed")}
+    assert trials[killed_trial] == "FAIL", "the trial in flight is failed, not left running"
+    assert sorted(trials) == list(range(len(trials))) and len(trials) == len(finished_before) + 1 + 2
+    assert sum(state == "COMPLETE" for state in trials.values()) == len(finished_before) + 2
+    assert mlflow.get_run(in_flight.info.run_id).info.status == "FAILED"
+    killed_parent = mlflow.get_run(in_flight.data.tags["mlflow.parentRunId"])
+    assert killed_parent.info.status == "FAILED" and killed_parent.info.run_id != parent
+    assert len(_pareto(parent)) == len(trials)
+
+
+def test_two_processes_share_one_study_and_lose_or_double_no_trial(store, tmp_path):
+    import subprocess
+    import sys
+
+    path = _search_file(tmp_path, store, {"repair.scale": {"type": "float", "low": 0.2, "high": 1.0}},
+                        study="shared", seed=9)
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    command = [sys.executable, "-m", "realign.cli", "search", "--name", path, "--n-trials", "3", "--storage", storage]
+    processes = [subprocess.Popen(command, cwd=tmp_path, env=_cli_env(store), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-2000:]
+    trials = _study_trials(storage, "shared")
+    assert sorted(t.number for t in trials) == list(range(6)) and all(t.state.name == "COMPLETE" for t in trials)
+    assert len({t.params["repair.scale"] for t in trials}) == 6, "the two processes sample different points"
+    run_ids = [t.user_attrs["run:repair"] for t in trials]
+    assert len(set(run_ids)) == 6
+    fuse_runs = [r for r in _runs("fuse") if r.data.tags.get("realign.study") == "shared"]
+    assert sorted(r.info.run_id for r in fuse_runs) == sorted(run_ids), "one run per trial, none extra"
+    assert all(r.info.status == "FINISHED" for r in fuse_runs)
+    parents = {r.data.tags["mlflow.parentRunId"] for r in fuse_runs}
+    assert len(parents) == 2, "each process's trials nest under its own search run"

@@ -56,6 +56,12 @@ def build_report(cfg: CompareConfig) -> dashboards.Report:
         if not table.empty:
             report.tables["realignment"] = table
             report.charts.append(ranking.realignment_chart(table))
+    from realign.stages.search_report import searches_in
+
+    fronts, front_charts = searches_in(runs)
+    if not fronts.empty:
+        report.tables["search_fronts"] = fronts
+        report.charts.extend(front_charts)
     if report.run_count == 0:
         matching = f" matching {cfg.filter!r}" if cfg.filter.strip() else ""
         raise RealignError(f"no finished realign runs to compare in experiment {experiment_label(cfg)!r}{matching} "

@@ -19,6 +19,10 @@ An experiment file names its steps in order; each step is one stage with its par
   complete run of the same stage, made by the same code (`realign.code_version`) and with the same params
   (which hold every input run id) is reused instead of rerun. RUNNING, FAILED and KILLED runs never are.
   ``compare`` always runs: its inputs are the experiment's runs, which the pipeline itself has just changed.
+- **Search steps** (``stage: search``) run a study of conf/search (``name``), with ``n_trials`` the study's size:
+  the step runs only the trials the study lacks, so a pipeline called again adds none and reuses the search's
+  parent run. Its other keys are the search file's overrides, ``<search step>.<option>`` (``repair.finetuned_run:
+  "${attack}"``); its run id is the search's parent run, nested under the pipeline's.
 - New stage runs are nested under the parent run (`pipeline/<name>`), whose `pipeline/steps.json` table lists
   every cell with its run id and whether it was reused.
 """
@@ -40,6 +44,7 @@ from realign.errors import RealignError
 from realign.stages import base, stage_table
 
 STEP_KEYS = ("stage", "grid", "each")  # the other keys of a step are the stage's own overrides
+SEARCH = "search"  # a step kind that is a study, not a stage: realign.stages.search
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)(?:\[([^\]]*)\])?\}")
 
 
@@ -127,9 +132,9 @@ def load_experiment(name_or_path: str, overrides: dict[str, Any] | None = None) 
                         file_experiment=file_experiment)
     seen: dict[str, list[Cell]] = {}
     for step_name, step in steps.items():
-        if not isinstance(step, dict) or step.get("stage") not in stage_table():
+        if not isinstance(step, dict) or step.get("stage") not in (*stage_table(), SEARCH):
             raise RealignError(f"{path}: step {step_name!r} has no known stage",
-                               f"give it stage: one of {', '.join(stage_table())}")
+                               f"give it stage: one of {', '.join(stage_table())} or {SEARCH}")
         grid = step.get("grid") or {}
         each = step.get("each") or {}
         for key, table in (("grid", grid), ("each", each)):
@@ -235,7 +240,12 @@ def check_cells(spec: Experiment) -> None:
         standin = Cell(cell.step, cell.stage, cell.grid_values, cell.overrides, run_id=f"{index + 1:032x}")
         resolved = {k: _resolve_value(v, cell, done, spec.path) for k, v in cell.overrides.items()}
         try:  # the config only: its defaulted inputs may be runs an earlier cell has not made yet
-            stage_table().get(cell.stage).resolve_config(resolved)
+            if cell.stage == SEARCH:
+                from realign.stages.search import checked_search
+
+                checked_search(resolved)
+            else:
+                stage_table().get(cell.stage).resolve_config(resolved)
         except RealignError as err:
             raise RealignError(f"{spec.path.name}, step {cell.label}: {err.problem}", err.fix) from None
         done.setdefault(cell.step, []).append(standin)
@@ -269,7 +279,12 @@ def run_pipeline(overrides: dict[str, Any]) -> str:
             resolved = {k: _resolve_value(v, cell, done, spec.path) for k, v in cell.overrides.items()}
             resolved["experiment"] = spec.experiment
             _progress(f"[{index}/{total}] {cell.label} ({cell.stage}) ...")
-            cell.run_id, cell.reused = run_or_reuse(cell.stage, resolved, spec.experiment)
+            if cell.stage == SEARCH:
+                from realign.stages.search import search
+
+                cell.run_id, cell.reused = search(resolved, fill=True)
+            else:
+                cell.run_id, cell.reused = run_or_reuse(cell.stage, resolved, spec.experiment)
             if cell.reused:
                 _progress(f"[{index}/{total}] {cell.label}: reused run {cell.run_id}")
             else:

@@ -18,8 +18,10 @@ runs under `search/<study>`, the Pareto front re-evaluated on the report half of
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from realign import tracking
@@ -28,6 +30,8 @@ from realign.search import STEP_REFERENCE, SearchSpec, load_search, resolve_newe
 
 TAG_STUDY = "realign.study"
 TAG_TRIAL = "realign.trial"
+TAG_STORAGE = "realign.search_storage"
+TAG_OBJECTIVES = "realign.search_objectives"
 # The metrics realign's stages log that an objective may name (an evaluation's rates; fuse's changed share).
 OBJECTIVE_METRICS = ("harmful_score", "refusal_rate", "benign_refusal_rate", "finetune_accuracy", "changed_fraction",
                      "replaced_module_fraction", "sst2_accuracy", "ag_news_accuracy", "gsm8k_accuracy",
@@ -52,20 +56,37 @@ def make_sampler(name: str, seed: int):
             "random": optuna.samplers.RandomSampler}[name](seed=seed)
 
 
-def open_study(spec: SearchSpec, storage_url: str):
+def sampler_seed(seed: int, trials_before: int, worker: int) -> int:
+    """The seed of this call's sampler: the file's seed, the trials the study held when this call began, and this
+    process's rank among the processes working on the study. Without the last two a resumed study would sample
+    the first call's points again, and two processes would sample the same points (and reuse each other's runs);
+    with them a single process's study is still reproducible call by call."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, trials_before, worker]).generate_state(1)[0])
+
+
+def open_study(spec: SearchSpec, storage_url: str, worker: int = 0):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=5, grace_period=15,
-                                         engine_kwargs={"connect_args": {"timeout": 60}}
-                                         if storage_url.startswith("sqlite") else {})
+    lock = contextlib.nullcontext()
+    if storage_url.startswith("sqlite:///"):  # two processes creating one new file's schema at once would collide
+        from realign.cache import exclusive_lock
+
+        lock = exclusive_lock(Path(storage_url[len("sqlite:///"):] + ".lock"))
     directions = [direction for _, direction in spec.objectives]
-    study = optuna.create_study(study_name=spec.study, storage=storage, directions=directions,
-                                sampler=make_sampler(spec.sampler, spec.seed), load_if_exists=True)
+    with lock:
+        storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=5, grace_period=15,
+                                             engine_kwargs={"connect_args": {"timeout": 60}}
+                                             if storage_url.startswith("sqlite") else {})
+        study = optuna.create_study(study_name=spec.study, storage=storage, directions=directions,
+                                    sampler=make_sampler(spec.sampler, spec.seed), load_if_exists=True)
     if [d.name.lower() for d in study.directions] != directions:
         raise RealignError(f"study {spec.study!r} in {storage_url} optimizes {[d.name.lower() for d in study.directions]}, "
                            f"the file asks for {directions}", "rename the study, or keep its objectives")
     optuna.storages.fail_stale_trials(study)
+    study.sampler = make_sampler(spec.sampler, sampler_seed(spec.seed, len(study.trials), worker))
     return study
 
 
@@ -134,11 +155,17 @@ def _split(overrides: dict[str, Any]) -> tuple[str, int, Any, str, dict[str, Any
     return name, n_trials, timeout, storage, overrides
 
 
-def plan_search(overrides: dict[str, Any]) -> str:
-    """What `realign search --dry-run` prints: the file, its space and objectives, every step's config checked."""
+def checked_search(overrides: dict[str, Any]) -> tuple[SearchSpec, int]:
+    """The search file read with its overrides, and every step's config checked; (spec, n_trials)."""
     name, n_trials, _, _, rest = _split(overrides)
     spec = load_search(name, rest)
     check_spec(spec)
+    return spec, n_trials
+
+
+def plan_search(overrides: dict[str, Any]) -> str:
+    """What `realign search --dry-run` prints: the file, its space and objectives, every step's config checked."""
+    spec, n_trials = checked_search(overrides)
     lines = [f"{spec.path} (study {spec.study}, sampler {spec.sampler}, {n_trials} trials)"]
     lines += [f"  step {step}: {values['stage']}" for step, values in spec.steps.items()]
     lines += [f"  {p.name}: {p.kind} {list(p.choices) if p.choices else [p.low, p.high]}"
@@ -148,42 +175,86 @@ def plan_search(overrides: dict[str, Any]) -> str:
 
 
 def run_search(overrides: dict[str, Any]) -> str:
-    """Run (or resume) a search; returns the parent run's id."""
-    name, n_trials, timeout, storage, rest = _split(overrides)
-    spec = load_search(name, rest)
-    check_spec(spec)
+    """Run (or resume) a search: `n_trials` more trials in the study; returns the parent run's id."""
+    return search(overrides, fill=False)[0]
+
+
+def search(overrides: dict[str, Any], fill: bool) -> tuple[str, bool]:
+    """(parent run id, reused). `fill=False`: run `n_trials` more trials. `fill=True` (a pipeline's search step):
+    run only the trials the study lacks of `n_trials` in all, so a pipeline called again adds none; when it lacks
+    none and a finished parent run of the study exists, that run is reused."""
+    _, n_trials, timeout, storage, _ = _split(overrides)
+    spec, _ = checked_search(overrides)
     tracking.open_store()
     experiment = tracking.experiment_name(spec.experiment)
     spec.steps = {step: {k: resolve_newest(v, spec.model or "smollm2-135m", experiment) for k, v in values.items()}
                   for step, values in spec.steps.items()}
     storage_url = default_storage(storage)
-    tags = {tracking.TAG_STAGE: "search", TAG_STUDY: spec.study}
+    if fill:
+        ended = [t for t in open_study(spec, storage_url).trials if t.state.is_finished()]
+        n_trials -= len(ended)
+        previous = _finished_parent(spec.study, storage_url, experiment)
+        if n_trials <= 0 and previous:
+            print(f"search {spec.study}: {len(ended)} trials in the study already; reused run {previous}",
+                  file=sys.stderr)
+            return previous, True
+    tags = {tracking.TAG_STAGE: "search", TAG_STUDY: spec.study, TAG_OBJECTIVES: objectives_tag(spec)}
     with tracking.parent_run(f"search/{spec.study}", experiment, tags) as parent_id:
-        study = open_study(spec, storage_url)
-        tracking.client().set_tag(parent_id, "realign.search_storage", storage_url)
+        study = open_study(spec, storage_url, worker=_worker_rank(parent_id, spec.study, experiment))
+        tracking.client().set_tag(parent_id, TAG_STORAGE, storage_url)
         started, before = time.monotonic(), len(study.trials)
-        bar = _bar(n_trials)
+        if n_trials > 0:
+            bar = _bar(n_trials)
 
-        def objective(trial):
-            return run_trial(spec, trial, experiment)
+            def objective(trial):
+                return run_trial(spec, trial, experiment)
 
-        def progress(study, trial):
-            bar.update(1)
-            front = [t.values for t in study.best_trials]
-            bar.set_postfix_str(f"front {len(front)}: " + "; ".join(
-                ", ".join(f"{v:.1f}" for v in values) for values in front[:3]))
+            def progress(study, trial):
+                bar.update(1)
+                front = [t.values for t in study.best_trials]
+                bar.set_postfix_str(f"front {len(front)}: " + "; ".join(
+                    ", ".join(f"{v:.1f}" for v in values) for values in front[:3]))
 
-        study.optimize(objective, n_trials=n_trials, timeout=float(timeout) if timeout else None,
-                       catch=(Exception,), callbacks=[progress])
-        bar.close()
+            study.optimize(objective, n_trials=n_trials, timeout=float(timeout) if timeout else None,
+                           catch=(Exception,), callbacks=[progress])
+            bar.close()
         ran = len(study.trials) - before
-        tracking.client().log_metric(parent_id, "search_seconds_per_trial", (time.monotonic() - started) / max(ran, 1))
+        if ran:
+            tracking.client().log_metric(parent_id, "search_seconds_per_trial", (time.monotonic() - started) / ran)
         from realign.stages.search_report import log_front
 
         log_front(spec, study, parent_id, experiment)
         print(f"search {spec.study}: {ran} trials run, {len(study.trials)} in the study ({storage_url})",
               file=sys.stderr)
-        return parent_id
+        return parent_id, False
+
+
+def objectives_tag(spec: SearchSpec) -> str:
+    """`harmful_score:minimize,finetune_accuracy:maximize`: how compare reads the parent's front table."""
+    return ",".join(f"{metric}:{direction}" for metric, direction in spec.objectives)
+
+
+def _search_parents(study: str, experiment: str, status: str):
+    return tracking.search_runs(experiment, f"tags.`{tracking.TAG_STAGE}` = 'search' and tags.`{TAG_STUDY}` = "
+                                            f"'{study}' and attributes.status = '{status}'")
+
+
+def _finished_parent(study: str, storage_url: str, experiment: str) -> str:
+    runs = _search_parents(study, experiment, "FINISHED")
+    if runs.empty or f"tags.{TAG_STORAGE}" not in runs:
+        return ""
+    same = runs[runs[f"tags.{TAG_STORAGE}"] == storage_url]
+    return str(same.iloc[0]["run_id"]) if not same.empty else ""
+
+
+def _worker_rank(parent_id: str, study: str, experiment: str) -> int:
+    """This process's place among the running searches of the study (oldest first); ranks differ whichever
+    process looks first, since each sees its own parent run and every one made before it."""
+    runs = _search_parents(study, experiment, "RUNNING")
+    if runs.empty:
+        return 0
+    ordered = runs.sort_values(["start_time", "run_id"])["run_id"].tolist()
+    return ordered.index(parent_id) if parent_id in ordered else 0
 
 
 def _bar(total: int):

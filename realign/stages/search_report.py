@@ -56,14 +56,14 @@ def log_front(spec: SearchSpec, study, parent_id: str, experiment: str) -> None:
             rows[metric].append(trial.values[index] if complete else None)
             rows[f"report_{metric}"].append(reported.get(f"report_{metric}"))
     tracking.log_parent_table(parent_id, rows, "search/pareto.json")
-    figure = front_figure(spec, rows, intervals(spec, rows), anchors(rows))
+    figure = front_figure(spec.study, spec.objectives, rows, intervals(spec.objectives, rows), anchors(rows))
     if figure is not None:
         tracking.client().log_figure(parent_id, figure, "figures/pareto.html")
 
 
-def intervals(spec: SearchSpec, rows: dict[str, list]) -> dict[str, list[tuple[float, float] | None]]:
+def intervals(objectives: list[tuple[str, str]], rows: dict[str, list]) -> dict[str, list[tuple[float, float] | None]]:
     """Each trial's 95 % interval of each objective (its run's `<metric>_ci95_low/high`), None where not logged."""
-    out: dict[str, list] = {metric: [] for metric, _ in spec.objectives}
+    out: dict[str, list] = {metric: [] for metric, _ in objectives}
     for run_id, state in zip(rows["run_id"], rows["state"]):
         metrics = tracking.run_metrics(run_id) if run_id and state == "COMPLETE" else {}
         for metric in out:
@@ -95,15 +95,16 @@ def _error(values: list, bounds: list) -> dict:
             "arrayminus": [v - b[0] if b else 0.0 for v, b in zip(values, bounds)]}
 
 
-def front_figure(spec: SearchSpec, rows: dict[str, list], bounds: dict[str, list] | None = None,
+def front_figure(study: str, objectives: list[tuple[str, str]], rows: dict[str, list],
+                 bounds: dict[str, list] | None = None,
                  anchor_metrics: dict[str, dict[str, float]] | None = None) -> Any:
     """All complete trials on the first two objectives (95 % intervals), the front marked, the report-half values
     of the front, and the unrepaired and reference models as anchors."""
-    if len(spec.objectives) < 2:
+    if len(objectives) < 2:
         return None
     import plotly.graph_objects as go
 
-    (x_metric, _), (y_metric, _) = spec.objectives[:2]
+    (x_metric, _), (y_metric, _) = objectives[:2]
     none = [None] * len(rows["trial"])
     x_bounds, y_bounds = (bounds or {}).get(x_metric, none), (bounds or {}).get(y_metric, none)
     done = [i for i, state in enumerate(rows["state"]) if state == "COMPLETE"]
@@ -126,6 +127,38 @@ def front_figure(spec: SearchSpec, rows: dict[str, list], bounds: dict[str, list
         figure.add_trace(go.Scatter(x=[rows[f"report_{x_metric}"][i] for i in reported],
                                     y=[rows[f"report_{y_metric}"][i] for i in reported], mode="markers",
                                     name="front, report half", marker={"symbol": "diamond", "size": 10}))
-    figure.update_layout(title=f"search {spec.study}: {x_metric} vs {y_metric}", xaxis_title=x_metric,
+    figure.update_layout(title=f"search {study}: {x_metric} vs {y_metric}", xaxis_title=x_metric,
                          yaxis_title=y_metric, template="plotly_white")
     return figure
+
+
+def searches_in(runs) -> tuple[Any, list]:
+    """Every finished search among `runs` (mlflow.search_runs' frame, newest first; one per study, the newest):
+    a table of each one's Pareto-optimal trials on both halves of the prompts, and each one's front figure.
+    Returns (table, charts); the table is empty when there is no search."""
+    import pandas as pd
+
+    from realign.dashboards import Chart
+    from realign.stages.search import TAG_OBJECTIVES, TAG_STUDY
+
+    stage, study_tag = f"tags.{tracking.TAG_STAGE}", f"tags.{TAG_STUDY}"
+    if runs.empty or stage not in runs or study_tag not in runs or f"tags.{TAG_OBJECTIVES}" not in runs:
+        return pd.DataFrame(), []
+    searches = runs[(runs[stage] == "search") & runs[f"tags.{TAG_OBJECTIVES}"].notna()].drop_duplicates(study_tag)
+    tables, charts = [], []
+    for _, search in searches.iterrows():
+        objectives = [tuple(item.split(":", 1)) for item in str(search[f"tags.{TAG_OBJECTIVES}"]).split(",")]
+        trials = tracking.load_run_table(search["run_id"], "search/pareto.json")
+        if trials.empty:
+            continue
+        trials = trials.astype(object).where(trials.notna(), None)
+        rows = {column: trials[column].tolist() for column in trials.columns}
+        study = str(search[study_tag])
+        figure = front_figure(study, objectives, rows, intervals(objectives, rows), anchors(rows))
+        charts.append(Chart(f"search_{study}", f"Search {study}: the Pareto front", figure,
+                            note="" if figure is not None else "fewer than two objectives"))
+        front = trials[trials["on_front"].astype(bool)].copy()
+        front.insert(0, "study", study)
+        front["search_run_id"] = search["run_id"]
+        tables.append(front.drop(columns=["on_front", "state"]))
+    return (pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()), charts

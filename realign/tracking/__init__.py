@@ -27,8 +27,8 @@ from realign.tracking.store import (
     store_error, client, open_store, note, code_version,
 )
 from realign.tracking.experiments import (
-    project_run_id, experiment_name, get_or_create_experiment, search_runs, run_metrics, harmful_verdicts,
-    adapter_root, latest_run, elsewhere_hint, to_realign_experiment, find_reusable_run, experiment_of,
+    project_run_id, experiment_name, get_or_create_experiment, search_runs, run_metrics, load_run_table,
+    harmful_verdicts, adapter_root, latest_run, elsewhere_hint, to_realign_experiment, find_reusable_run, experiment_of,
 )
 from realign.tracking.inputs import (
     InputRun, parse_run_ref, resolve_run, download_artifact, check_artifact_files,

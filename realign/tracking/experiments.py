@@ -85,6 +85,13 @@ def run_metrics(run_id: str) -> dict[str, float]:
     return dict(client().get_run(run_id).data.metrics)
 
 
+def load_run_table(run_id: str, artifact_file: str):
+    """A table a run logged with `log_table` (e.g. a search's search/pareto.json) as a pandas DataFrame; empty
+    when the run logged none."""
+    experiment_id = store_call(client().get_run, run_id).info.experiment_id
+    return store_call(client().load_table, experiment_id, artifact_file, run_ids=[run_id])
+
+
 def harmful_verdicts(run_id: str) -> dict[str, bool] | None:
     """prompt_id -> flagged for the harmful prompts of a run's own evaluation (eval/generations.json); None
     when it logged none."""

@@ -382,7 +382,8 @@ def copy_evaluation(run_id: str, metrics: dict[str, float], identity: dict[str, 
 
 @contextlib.contextmanager
 def parent_run(name: str, experiment: str, tags: dict[str, str]) -> Iterator[str]:
-    """A run that groups stage runs (a pipeline); every stage run opened inside is nested under it.
+    """A run that groups stage runs (a pipeline, a search); every stage run opened inside is nested under it, and
+    it is nested under the group that is open around it (a search step of a pipeline).
 
     Under `mlflow run` the run it opened (MLFLOW_RUN_ID) is the parent. FINISHED when the body returns,
     FAILED (KILLED on Ctrl-C) with the error tagged when it raises.
@@ -395,8 +396,9 @@ def parent_run(name: str, experiment: str, tags: dict[str, str]) -> Iterator[str
         run_id = project
         StageRun(run_id, "pipeline").set_tags({"mlflow.runName": name, **own_tags})
     else:
-        if project:
-            own_tags["mlflow.parentRunId"] = project
+        outer = _NEST_UNDER[-1] if _NEST_UNDER else project  # a search step of a pipeline nests under it
+        if outer:
+            own_tags["mlflow.parentRunId"] = outer
         run_id = create_run(get_or_create_experiment(experiment_name(experiment)), name, own_tags)
     mark_dead_runs(client().get_run(run_id).info.experiment_id)
     _NEST_UNDER.append(run_id)
