@@ -47,7 +47,7 @@ __all__ = [
     'DEFAULT_TRACKING_URI', 'DEFAULT_EXPERIMENT', 'tracking_uri', 'TRANSIENT_ERRORS', 'RETRY_BUDGET_S',
     'is_transient', 'is_store_failure', 'StoreError', 'store_call', 'store_error', 'client', 'open_store',
     'note', 'code_version', 'project_run_id', 'experiment_name', 'get_or_create_experiment', 'search_runs',
-    'run_metrics', 'harmful_verdicts', 'adapter_root', 'latest_run', 'elsewhere_hint',
+    'run_metrics', 'load_run_table', 'harmful_verdicts', 'adapter_root', 'latest_run', 'elsewhere_hint',
     'to_realign_experiment', 'find_reusable_run', 'experiment_of', 'InputRun', 'parse_run_ref', 'resolve_run',
     'download_artifact', 'check_artifact_files', 'StageRun', 'ReplicaRun', 'stage_run', 'claim_project_run',
     'fail_project_run', 'create_run', 'end_run', 'child_run', 'this_process', 'process_is_alive',
