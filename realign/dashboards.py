@@ -39,7 +39,7 @@ COMPARED_STAGES = ("align", "attack", "expo", "score", "fuse")
 METHOD_ORDER = ("sft", "dpo", "orpo", "kto", "simpo",
                 "snip", "wanda", "set_difference", "actsvd",
                 "average", "task_arithmetic", "ties", "consensus_ta", "consensus_ties", "consensus_ties_authors",
-                "restore", "resta", "antidote", "safe_lora")
+                "restore", "resta", "antidote", "safe_lora", "safemerge")
 GAP = "—"
 HARMFUL = "harmful_score"  # every column whose name contains this is a judged number
 SELECTED_FRACTION = "selected_fraction/"

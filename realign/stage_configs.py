@@ -240,8 +240,10 @@ class FuseConfig:
     mask_run: str = option("", "score run whose region restricts the fusion (optional; antidote: required)")
     unaligned_run: str = option("", "resta, safe_lora: the unaligned model of the safety vector θ_ref − θ_un: "
                                     "any run, or base (default: the base model)")
+    safety_run: str = option("", "safemerge: the safety LoRA merged into the straying modules, a run whose adapter "
+                                 "sits on the attacked adapter's base with its rank and targets (required there)")
     method: str = option("restore", "restore (default) | average | task_arithmetic | ties | consensus_ta | "
-                                    "consensus_ties | resta | antidote | safe_lora")
+                                    "consensus_ties | resta | antidote | safe_lora | safemerge")
     granularity: str = option("", "neurons | ranks (the score run's own kind, default) | heads",
                               choices=("", "neurons", "ranks", "heads"))
     top_heads: float = option(0.1, "heads: fraction of all attention heads (by summed safety score) in the region")
@@ -267,6 +269,11 @@ class FuseConfig:
                                             "safe_lora_tau (threshold)", choices=("threshold", "count"))
     safe_lora_tau: float = option(0.5, "safe_lora, select=threshold: similarity threshold τ in [-1, 1] (default 0.5)")
     safe_lora_layers: int = option(10, "safe_lora, select=count: modules projected (default 10)")
+    safemerge_tau: float = option(0.35, "safemerge: merge the modules whose similarity is below τ, in [-1, 1] "
+                                        "(default 0.35, the authors' code's)")
+    safemerge_weights: list[float] = option(None, "safemerge: (w_finetuned, w_safety) in the merged modules "
+                                                  "(default 0.8,0.2, the authors' code's)",
+                                            factory=lambda: [0.8, 0.2])
     mode: str = option("auto", "auto (default) | lora (fuse the adapters' A/B tensors) | full (merged weights)",
                        choices=("auto", "lora", "full"))
     recipe: str = option("default", "conf/fuse/<recipe>.yaml (default)")
@@ -285,9 +292,24 @@ class FuseConfig:
                 raise RealignError("antidote reads no reference (it sets the region to zero)", "drop --reference_run")
         elif not self.reference_run:
             raise RealignError("reference_run is required", "pass --reference_run <run id>")
-        if self.unaligned_run and self.method not in ("resta", "safe_lora"):
-            raise RealignError(f"unaligned_run is read by resta and safe_lora, not {self.method}",
-                               "drop --unaligned_run, or pass --method resta | safe_lora")
+        if self.unaligned_run and self.method not in ("resta", "safe_lora", "safemerge"):
+            raise RealignError(f"unaligned_run is read by resta, safe_lora and safemerge, not {self.method}",
+                               "drop --unaligned_run, or pass --method resta | safe_lora | safemerge")
+        if self.method == "safemerge" and not self.safety_run:
+            raise RealignError("safemerge merges a safety LoRA and needs one",
+                               "pass --safety_run <run with a LoRA adapter on the attack's base, e.g. the aligned "
+                               "adapter an --adapter continue attack started from>")
+        if self.safety_run and self.method != "safemerge":
+            raise RealignError(f"safety_run is read by safemerge, not {self.method}",
+                               "drop --safety_run, or pass --method safemerge")
+        if self.method == "safemerge":
+            if not (math.isfinite(self.safemerge_tau) and -1.0 <= self.safemerge_tau <= 1.0):
+                raise RealignError(f"safemerge_tau={self.safemerge_tau} is outside [-1, 1] (a cosine similarity)",
+                                   "pass e.g. --safemerge_tau 0.35")
+            weights = self.safemerge_weights
+            if len(weights) != 2 or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+                raise RealignError(f"safemerge_weights={weights} must be two numbers >= 0 (finetuned, safety), not "
+                                   "both 0", "pass --safemerge_weights 0.8,0.2")
         if not (math.isfinite(self.gamma) and self.gamma > 0):
             raise RealignError(f"gamma={self.gamma} must be > 0", "pass e.g. --gamma 0.5")
         if not (math.isfinite(self.dare_rate) and 0.0 <= self.dare_rate < 1.0):

@@ -1,5 +1,7 @@
-"""The field's other post-hoc repairs as `fuse` methods on the tiny model (RESTA, Antidote, Safe LoRA, DARE): the
+"""The field's other post-hoc repairs as `fuse` methods on the tiny model (RESTA, Antidote, Safe LoRA, SafeMERGE, DARE): the
 weights each run writes against the papers' formulas computed here from PEFT-merged inputs, and their bad inputs."""
+
+import math
 
 import mlflow
 import pytest
@@ -31,8 +33,11 @@ def chain(tmp_path_factory):
         sft = run_align({**quiet, "method": "sft"})
         dpo = run_align({**quiet, "method": "dpo", "sft_run": sft})
         attack = run_attack({**ATTACK, "source_run": dpo})
+        # an attack that keeps training the DPO adapter on the SFT model: the DPO adapter shares its base and rank
+        continued = run_attack({**ATTACK, "source_run": dpo, "adapter": "continue"})
         _, shapes = model_layout(ModelConfig(name="tiny", source="tiny"))
-        yield {"folder": folder, "uri": uri, "sft": sft, "dpo": dpo, "attack": attack, "shapes": shapes}
+        yield {"folder": folder, "uri": uri, "sft": sft, "dpo": dpo, "attack": attack, "continued": continued,
+               "shapes": shapes}
 
 
 QUIET_FUSE = {**FUSE, "eval.enabled": "false"}
@@ -148,6 +153,51 @@ def test_safe_lora_projects_the_least_aligned_modules_b_onto_the_alignment_matri
     assert int(table["replaced"].sum()) == projected
 
 
+def test_safemerge_merges_the_safety_lora_per_factor_where_the_attacked_update_strays(store):
+    import json
+
+    attacked = load_file(f"{_adapter_dir(store['continued'])}/adapter_model.safetensors")
+    safety = load_file(f"{_adapter_dir(store['dpo'])}/adapter_model.safetensors")
+    config = json.load(open(f"{_adapter_dir(store['continued'])}/adapter_config.json"))
+    scale = config["lora_alpha"] / config["r"]  # the same LoRA settings for both (SafeMERGE refuses others)
+    aligned, unaligned = _weights(store["sft"], store["dpo"]), _weights(store["sft"])
+    similarity = {}
+    for key in attacked:
+        if ".lora_A." in key:
+            module = key.split(".lora_A.")[0]
+            weight = module.removeprefix("base_model.model.") + ".weight"
+            _, similarity[module] = _safe_lora_expected(
+                attacked[key].float(), attacked[f"{module}.lora_B.weight"].float(),
+                aligned[weight].float() - unaligned[weight].float())
+    ordered = sorted(similarity.values())
+    middle = len(ordered) // 2  # about half the modules below τ, none at it (float noise would decide that one)
+    tau = (ordered[middle - 1] + ordered[middle]) / 2
+    fuse_id = run_fuse({**QUIET_FUSE, "finetuned_run": store["continued"], "reference_run": store["dpo"],
+                        "unaligned_run": store["sft"], "safety_run": store["dpo"], "method": "safemerge",
+                        "safemerge_tau": str(tau), "safemerge_weights": "0.7,0.3"})
+    run = mlflow.get_run(fuse_id)
+    assert run.info.status == "FINISHED" and run.data.tags["realign.source.safety"] == store["dpo"]
+    assert run.data.params["fuse.mode"] == "lora" and run.data.tags[tracking.TAG_ADAPTER_BASE] == store["sft"]
+    fused_dir = _adapter_dir(fuse_id)
+    fused = load_file(f"{fused_dir}/adapter_model.safetensors")
+    assert json.load(open(f"{fused_dir}/adapter_config.json"))["lora_alpha"] == config["r"], "scale 1, as PEFT"
+    merged = 0
+    for module, value in similarity.items():
+        a_f, b_f = attacked[f"{module}.lora_A.weight"].float(), attacked[f"{module}.lora_B.weight"].float()
+        a_s, b_s = safety[f"{module}.lora_A.weight"].float(), safety[f"{module}.lora_B.weight"].float()
+        update = fused[f"{module}.lora_B.weight"].float() @ fused[f"{module}.lora_A.weight"].float()
+        if value < tau:
+            expected = (0.7 * scale * b_f @ a_f + 0.3 * scale * b_s @ a_s
+                        + math.sqrt(0.7 * 0.3) * scale * (b_f @ a_s + b_s @ a_f))
+            merged += 1
+        else:
+            expected = scale * b_f @ a_f
+        assert torch.allclose(update, expected, atol=1e-5), (module, value < tau)
+    assert 0 < merged < len(similarity)
+    table = mlflow.MlflowClient().load_table(run.info.experiment_id, "fuse/modules.json", run_ids=[fuse_id])
+    assert int(table["replaced"].sum()) == merged
+
+
 def _antidote_mask(store, tmp_path, model_run, source):
     region = _random_masks(_linear_names(store["shapes"])[:2], store["shapes"], seed=0)
     mask_id = _score_run(tmp_path, region, "neurons")
@@ -164,14 +214,20 @@ def _antidote_mask(store, tmp_path, model_run, source):
     ("antidote-other-model", "scored run"),
     ("antidote-base-model", "scored the base model, not the attacked run"),
     ("antidote-safe-data", "was calibrated on data.safety_source=builtin"),
-    ("unaligned-for-restore", "unaligned_run is read by resta and safe_lora, not restore"),
+    ("unaligned-for-restore", "unaligned_run is read by resta, safe_lora and safemerge, not restore"),
     ("gamma", "gamma=0.0 must be > 0"),
     ("dare-rate", "dare_rate=1.0 is outside [0, 1)"),
     ("dare-for-restore", "restore has no task vector to drop"),
     ("safe-lora-tau", "safe_lora_tau=2.0 is outside [-1, 1]"),
     ("safe-lora-layers", "safe_lora_layers=-1 must be >= 0"),
-    ("safe-lora-full", "safe_lora projects the attacked adapter's LoRA factors, which full mode cannot"),
+    ("safe-lora-full", "safe_lora works on the attacked adapter's LoRA factors, which full mode cannot"),
     ("resta-lora", "resta adds θ_ref − θ_un to full weights"),
+    ("safemerge-no-safety", "safemerge merges a safety LoRA and needs one"),
+    ("safety-for-restore", "safety_run is read by safemerge, not restore"),
+    ("safemerge-tau", "safemerge_tau=1.5 is outside [-1, 1]"),
+    ("safemerge-weights", "safemerge_weights=[0.0, 0.0] must be two numbers >= 0"),
+    ("safemerge-other-base", "SafeMERGE merges two LoRAs of one base"),
+    ("safemerge-full", "safemerge works on the attacked adapter's LoRA factors, which full mode cannot"),
 ])
 def test_bad_repair_inputs_fail_in_one_line_before_any_work(store, tmp_path, case, fragment):
     args = ["--model", "tiny", "--finetuned-run", store["attack"], "--eval.judge", "keyword"]
@@ -194,6 +250,14 @@ def test_bad_repair_inputs_fail_in_one_line_before_any_work(store, tmp_path, cas
         "safe-lora-layers": [*reference, "--method", "safe_lora", "--safe-lora-layers", "-1"],
         "safe-lora-full": [*reference, "--method", "safe_lora", "--mode", "full"],
         "resta-lora": [*reference, "--method", "resta", "--mode", "lora"],
+        "safemerge-no-safety": [*reference, "--method", "safemerge"],
+        "safety-for-restore": [*reference, "--safety-run", store["dpo"]],
+        "safemerge-tau": [*reference, "--method", "safemerge", "--safety-run", store["dpo"], "--safemerge-tau", "1.5"],
+        "safemerge-weights": [*reference, "--method", "safemerge", "--safety-run", store["dpo"],
+                              "--safemerge-weights", "0,0"],
+        # the new-LoRA attack sits on sft+dpo, the DPO adapter on sft
+        "safemerge-other-base": [*reference, "--method", "safemerge", "--safety-run", store["dpo"]],
+        "safemerge-full": [*reference, "--method", "safemerge", "--safety-run", store["dpo"], "--mode", "full"],
     }[case]
     extra = extra() if callable(extra) else extra
     before = set(_fuse_runs())

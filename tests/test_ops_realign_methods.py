@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from realign.ops import dare, merge, regions, safe_lora
+from realign.ops import dare, merge, regions, safe_lora, safemerge
 
 MASK64 = (1 << 64) - 1
 
@@ -147,3 +147,39 @@ def test_safe_lora_selects_up_to_tau_or_the_k_least_similar_with_ties_as_the_aut
     assert safe_lora.select_modules(similarities, "count", 0.0, 2) == [False, True, False, True, True]
     assert safe_lora.select_modules(similarities, "count", 0.0, 9) == [True] * 5
     assert safe_lora.select_modules(similarities, "count", 0.0, 0) == [False] * 5
+
+
+def _lora(seed, out=6, rank=2, inp=5):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rank, inp, generator=generator), torch.randn(out, rank, generator=generator)
+
+
+def test_safemerge_merges_per_factor_with_the_cross_terms_peft_writes():
+    (a_f, b_f), (a_s, b_s) = _lora(0), _lora(1)
+    s_f, s_s, w_f, w_s = 2.0, 0.5, 0.8, 0.2
+    a, b = safemerge.merged_factors(safemerge.LoraFactors(a_f, b_f, s_f), safemerge.LoraFactors(a_s, b_s, s_s),
+                                    (w_f, w_s), "m")
+    # the product of the merged factors, written out: both updates weighted, plus the two cross terms
+    expected = (w_f * s_f * b_f @ a_f + w_s * s_s * b_s @ a_s
+                + math.sqrt(w_f * s_f * w_s * s_s) * (b_f @ a_s + b_s @ a_f))
+    assert torch.allclose(b @ a, expected, atol=1e-5)
+    assert not torch.allclose(b @ a, w_f * s_f * b_f @ a_f + w_s * s_s * b_s @ a_s, atol=1e-3)
+
+
+def test_safemerge_keeps_the_attacked_update_in_a_module_with_weights_one_and_zero():
+    (a_f, b_f), (a_s, b_s) = _lora(2), _lora(3)
+    a, b = safemerge.merged_factors(safemerge.LoraFactors(a_f, b_f, 4.0), safemerge.LoraFactors(a_s, b_s, 1.0),
+                                    (1.0, 0.0), "m")
+    assert torch.allclose(b @ a, 4.0 * b_f @ a_f, atol=1e-5)  # scale 1 adapter: each factor carries √s
+    assert torch.allclose(a, 2.0 * a_f) and torch.allclose(b, 2.0 * b_f)
+
+
+def test_safemerge_selects_strictly_below_tau_and_dare_drops_each_factor_by_the_seeded_draw():
+    assert safemerge.selected_modules([0.1, 0.35, 0.5, -0.2], 0.35) == [True, False, False, True]
+    big = safemerge.LoraFactors(torch.ones(4, 500), torch.ones(300, 4), 1.0)
+    a, b = safemerge.merged_factors(big, big, (1.0, 0.0), "layer.q_proj", dare_rate=0.5, dare_seed=7)
+    again, _ = safemerge.merged_factors(big, big, (1.0, 0.0), "layer.q_proj", dare_rate=0.5, dare_seed=7)
+    assert torch.equal(a, again)
+    assert abs(float((a == 0).float().mean()) - 0.5) < 0.03 and set(a.unique().tolist()) == {0.0, 2.0}
+    kept = [_uniform(7, "layer.q_proj.lora_A.weight", 0, index) >= 0.5 for index in range(40)]
+    assert (a.reshape(-1)[:40] != 0).tolist() == kept

@@ -207,11 +207,11 @@ def test_nlsr_smollm2_experiment_runs_the_faithful_chain_on_the_tiny_model(track
 
 
 REPAIR_STEPS = ("restore_merged", "restore_faithful", "average", "task_arithmetic", "ties", "consensus_ta",
-                "consensus_ties", "resta", "safe_lora", "antidote")
+                "consensus_ties", "resta", "safe_lora", "safemerge", "antidote")
 
 
 def test_realign_methods_experiment_repairs_every_attack_with_every_method_and_ranks_them(tracking_store, tmp_path):
-    """conf/experiments/realign-methods.yaml with tiny budgets: 4 attacks × 10 repairs, each run against its own
+    """conf/experiments/realign-methods.yaml with tiny budgets: 4 attacks × 11 repairs, each run against its own
     attack, and compare's realignment ranking of the methods."""
     train = {f"{step}.{key}": value for step in ("sft", "dpo", "attack", "attack_continue")
              for key, value in TINY_TRAIN.items()}
@@ -231,7 +231,7 @@ def test_realign_methods_experiment_repairs_every_attack_with_every_method_and_r
     assert len(steps["attack"]) == 4
     for step in REPAIR_STEPS:
         assert len(steps[step]) == 4, step
-        attacks = steps["attack_continue"] if step == "restore_faithful" else steps["attack"]
+        attacks = steps["attack_continue"] if step in ("restore_faithful", "safemerge") else steps["attack"]
         for fuse_id, attack_id in zip(steps[step], attacks):
             run = mlflow.get_run(fuse_id)
             assert run.info.status == "FINISHED" and run.data.tags["realign.source.finetuned"] == attack_id, step
@@ -246,7 +246,7 @@ def test_realign_methods_experiment_repairs_every_attack_with_every_method_and_r
     ranking = pd.read_csv(local)  # the table compare prints and logs
     assert len(ranking) == len(REPAIR_STEPS) and set(ranking["runs"]) == {4}
     assert {"restore · neurons · full", "restore · neurons · lora", "safe_lora · full · lora",
-            "antidote · neurons · full"} <= set(ranking["method"])
+            "safemerge · full · lora", "antidote · neurons · full"} <= set(ranking["method"])
 
 
 def test_reuse_is_decided_on_the_inputs_that_would_be_used_now(tracking_store, tmp_path):

@@ -33,6 +33,8 @@ plus `restore` (NLSR's transplant), each an entry of `MERGE_METHODS`:
   RESTA's setting): θ = θ_ref + DARE(θ_ft − θ_ref) + γ·(θ_ref − θ_un). The θ0 slot carries θ_un.
 - ``safe_lora`` (Safe LoRA, arXiv 2405.16833): not entrywise; `realign.ops.safe_lora` projects the attacked LoRA
   factors, and the fuse stage runs it on the adapter.
+- ``safemerge`` (SafeMERGE, arXiv 2503.17239): not entrywise; `realign.ops.safemerge` merges a safety LoRA into the
+  attacked LoRA's factors in the modules whose Safe LoRA similarity is below τ.
 - ``antidote`` (Antidote, Huang et al. 2024, arXiv 2408.09600): the weights of the region are set to zero, one shot
   (θ = where(mask, 0, θ_ft)); the region is the attacked model's own Wanda importance on harmful data (a score run
   of the attacked model with `data.safety_source: harmful`). No reference weights are read.
@@ -95,8 +97,9 @@ class MergeMethod:
 
     @property
     def entrywise(self) -> bool:
-        """Computed tensor by tensor from θ_ft, θ_ref (and θ0) by `fuse_values`; safe_lora projects LoRA factors."""
-        return self.kind != "safe_lora"
+        """Computed tensor by tensor from θ_ft, θ_ref (and θ0) by `fuse_values`; safe_lora and safemerge work on
+        LoRA factors."""
+        return self.kind not in ("safe_lora", "safemerge")
 
 
 MERGE_METHODS: Registry[MergeMethod] = Registry("fusion method")
@@ -127,6 +130,10 @@ for _method in (
         MergeMethod("safe_lora", "safe_lora", uses=("safe_lora_select", "safe_lora_tau", "safe_lora_layers"),
                     summary="the attacked LoRA update projected onto the alignment subspace where it strays (Safe "
                             "LoRA; realign.ops.safe_lora)"),
+        MergeMethod("safemerge", "safemerge", uses=("safety_run", "safemerge_tau", "safemerge_weights", "dare_rate",
+                                                    "dare_seed"),
+                    summary="a safety LoRA merged per factor into the modules that stray from the alignment subspace "
+                            "(SafeMERGE; realign.ops.safemerge)"),
 ):
     MERGE_METHODS.register(_method.name, _method)
 

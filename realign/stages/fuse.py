@@ -22,7 +22,8 @@ LoRAs sit on the SFT model; the base model when they share nothing), and draws t
 
 The field's other post-hoc repairs are methods of the same registry: `resta` (θ_un from `unaligned_run`, default
 the base model; optional DARE), `antidote` (no reference: the region of a harmful-data score of the attacked run is
-set to zero) and `safe_lora` (the attacked adapter's B projected in the least aligned modules; `fuse_safe_lora`).
+set to zero), `safe_lora` (the attacked adapter's B projected in the least aligned modules; `fuse_safe_lora`) and
+`safemerge` (a safety LoRA from `safety_run` merged per factor into the modules below τ; `fuse_safemerge`).
 
 The run (`fuse/<method>/<granularity|full>`) holds the fused artifact, `changed_fraction` (entries that differ from
 the fine-tuned model) overall and `changed_fraction/layer_<i>`, the evaluation of the fused model (loaded fresh from
@@ -33,6 +34,7 @@ what is logged) and, for comparison in the UI, the attacked model's own numbers 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +50,8 @@ from realign.ops import regions as regions_ops
 from realign.ops import streaming as streaming_ops
 from realign.stages.base import Input, Stage, register, run_stage
 from realign.stages.evaluate import evaluate_and_log
-from realign.stages.fuse_inputs import REFERENCE_STAGES, UNALIGNED_STAGES, FuseInputs, resolve_inputs
+from realign.stages.fuse_inputs import (REFERENCE_STAGES, SAFETY_STAGES, UNALIGNED_STAGES, FuseInputs,
+                                        resolve_inputs)
 
 
 def resolve_fuse_config(overrides: dict[str, Any]) -> FuseConfig:
@@ -91,6 +94,8 @@ def fuse_body(run: tracking.StageRun, cfg: FuseConfig) -> None:
     # The heavy part starts only now, after every check passed.
     if cfg.method == "safe_lora":
         result = fuse_safe_lora(cfg, inputs, run)
+    elif cfg.method == "safemerge":
+        result = fuse_safemerge(cfg, inputs, run)
     elif inputs.mode == "lora":
         result = fuse_lora(cfg, inputs, run)
     else:
@@ -120,7 +125,8 @@ FUSE = register(Stage(
     inputs=(Input("finetuned_run", "finetuned", ("attack",)),
             Input("reference_run", "reference", REFERENCE_STAGES, absent=("",)),
             Input("mask_run", "mask", ("score",), absent=("",)),
-            Input("unaligned_run", "unaligned", UNALIGNED_STAGES, absent=("", "base"))),
+            Input("unaligned_run", "unaligned", UNALIGNED_STAGES, absent=("", "base")),
+            Input("safety_run", "safety", SAFETY_STAGES, absent=("",))),
     summary="Fuse an attacked model with a safety reference (inside a score run's region), evaluated in the same run.",
 ))
 
@@ -161,23 +167,20 @@ def fuse_lora(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun) -> Fu
     return FuseResult(changed, cfg.model, [*inputs.finetuned_chain[:-1], str(out_dir)], out_dir, table)
 
 
-def fuse_safe_lora(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun) -> FuseResult:
-    """Safe LoRA: per attacked LoRA module the similarity of its update to C = V Vᵀ/‖V‖_F (V = W_ref − W_un, read
-    tensor by tensor from the materialized full weights), then B → C·B in the selected modules, as a PEFT dir."""
+def alignment_similarities(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun, state: dict,
+                           modules: list[str], desc: str) -> tuple[list[float], dict]:
+    """Per attacked LoRA module, Safe LoRA's similarity of its update to C = V Vᵀ/‖V‖_F (V = W_ref − W_un, read
+    tensor by tensor from the materialized full weights); returns (similarities, {module: C·B})."""
     import torch
-    from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
     from realign.ops import safe_lora as safe_lora_ops
 
-    ft_dir = Path(inputs.finetuned.local_dir)
-    state = load_file(str(ft_dir / "adapter_model.safetensors"))
-    modules = sorted(nlsr_ops.lora_module_names(state), key=lambda m: _model_position(inputs, m))
     reference_dir = reference_weights_dir(cfg, inputs, run.workdir)
     projected, similarities = {}, []
     with streaming_ops.WeightFiles(reference_dir) as ref_files, \
             streaming_ops.WeightFiles(unaligned_dir(cfg, inputs, run.workdir)) as un_files:
-        for module in tqdm(modules, desc="safe_lora", unit="module"):
+        for module in tqdm(modules, desc=desc, unit="module"):
             weight = module.removeprefix("base_model.model.") + ".weight"
             if weight not in ref_files.file_of or weight not in un_files.file_of:
                 raise RealignError(f"the adapter adapts {weight}, which the reference or unaligned weights lack",
@@ -186,6 +189,29 @@ def fuse_safe_lora(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun) 
             a, b = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
             projected[module] = safe_lora_ops.projected_b(b, alignment)
             similarities.append(safe_lora_ops.update_similarity(a, b, projected[module]))
+    return similarities, projected
+
+
+def _write_adapter(run: tracking.StageRun, fused: dict, config: dict) -> Path:
+    from safetensors.torch import save_file
+
+    out_dir = run.workdir / "fused" / "adapter"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(fused, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+def fuse_safe_lora(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun) -> FuseResult:
+    """Safe LoRA: B → C·B in the modules `select_modules` picks by similarity, as a PEFT dir."""
+    from safetensors.torch import load_file
+
+    from realign.ops import safe_lora as safe_lora_ops
+
+    ft_dir = Path(inputs.finetuned.local_dir)
+    state = load_file(str(ft_dir / "adapter_model.safetensors"))
+    modules = sorted(nlsr_ops.lora_module_names(state), key=lambda m: _model_position(inputs, m))
+    similarities, projected = alignment_similarities(cfg, inputs, run, state, modules, "safe_lora")
     chosen = safe_lora_ops.select_modules(similarities, cfg.safe_lora_select, cfg.safe_lora_tau, cfg.safe_lora_layers)
     fused = dict(state)
     for module, replace in zip(modules, chosen):
@@ -193,10 +219,50 @@ def fuse_safe_lora(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun) 
             name = f"{module}.lora_B.weight"
             fused[name] = projected[module].to(state[name].dtype).contiguous()
     changed = {name: (int((fused[name] != tensor).sum()), tensor.numel()) for name, tensor in state.items()}
-    out_dir = run.workdir / "fused" / "adapter"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(fused, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-    shutil.copyfile(ft_dir / "adapter_config.json", out_dir / "adapter_config.json")
+    out_dir = _write_adapter(run, fused, json.loads((ft_dir / "adapter_config.json").read_text()))
+    table = {"module": modules, "similarity": similarities, "probability": [float(c) for c in chosen],
+             "replaced": chosen}
+    return FuseResult(changed, cfg.model, [*inputs.finetuned_chain[:-1], str(out_dir)], out_dir, table)
+
+
+def fuse_safemerge(cfg: FuseConfig, inputs: FuseInputs, run: tracking.StageRun) -> FuseResult:
+    """SafeMERGE: the safety LoRA merged per factor (weights safemerge_weights) into the modules whose similarity is
+    below safemerge_tau, the attacked update kept elsewhere; a PEFT dir of scale 1 (lora_alpha = r), as PEFT's
+    add_weighted_adapter writes it."""
+    from safetensors.torch import load_file
+
+    from realign.ops import safemerge as safemerge_ops
+
+    ft_dir, safety_dir = Path(inputs.finetuned.local_dir), Path(inputs.safety.local_dir)
+    state = load_file(str(ft_dir / "adapter_model.safetensors"))
+    safety_state = load_file(str(safety_dir / "adapter_model.safetensors"))
+    ft_config = json.loads((ft_dir / "adapter_config.json").read_text())
+    safety_config = json.loads((safety_dir / "adapter_config.json").read_text())
+    modules = sorted(nlsr_ops.lora_module_names(state), key=lambda m: _model_position(inputs, m))
+    missing = [m for m in modules if f"{m}.lora_A.weight" not in safety_state]
+    if missing:
+        raise RealignError(f"the safety adapter has no LoRA factors for {missing[0]}",
+                           "pass a safety run trained with the attack's LoRA target modules")
+    similarities, _ = alignment_similarities(cfg, inputs, run, state, modules, "safemerge")
+    chosen = safemerge_ops.selected_modules(similarities, cfg.safemerge_tau)
+    ft_scale = float(ft_config["lora_alpha"]) / float(ft_config["r"])
+    safety_scale = float(safety_config["lora_alpha"]) / float(safety_config["r"])
+    fused = dict(state)
+    for module, merge in zip(modules, chosen):
+        a_name, b_name = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        a, b = safemerge_ops.merged_factors(
+            safemerge_ops.LoraFactors(state[a_name], state[b_name], ft_scale),
+            safemerge_ops.LoraFactors(safety_state[a_name], safety_state[b_name], safety_scale),
+            tuple(cfg.safemerge_weights) if merge else (1.0, 0.0), module, cfg.dare_rate, cfg.dare_seed)
+        fused[a_name], fused[b_name] = a.to(state[a_name].dtype).contiguous(), b.to(state[b_name].dtype).contiguous()
+    # Changed: the modules whose update B·A differs from the attacked one (a kept module is only rescaled: the
+    # new adapter's scale is 1, its factors carry √s each).
+    changed = {}
+    for module, merge in zip(modules, chosen):
+        for part in ("A", "B"):
+            name = f"{module}.lora_{part}.weight"
+            changed[name] = (state[name].numel() if merge or cfg.dare_rate else 0, state[name].numel())
+    out_dir = _write_adapter(run, fused, {**ft_config, "lora_alpha": ft_config["r"]})
     table = {"module": modules, "similarity": similarities, "probability": [float(c) for c in chosen],
              "replaced": chosen}
     return FuseResult(changed, cfg.model, [*inputs.finetuned_chain[:-1], str(out_dir)], out_dir, table)

@@ -16,6 +16,7 @@ from realign.stage_configs import FuseConfig
 
 REFERENCE_STAGES = ("align", "expo")
 UNALIGNED_STAGES = ("align", "expo", "attack", "fuse")  # the unaligned model of a safety vector: any model run
+SAFETY_STAGES = ("align", "attack", "fuse")  # safemerge's safety LoRA: any run that logged an adapter
 LORA_CONFIG_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "bias")
 
 
@@ -35,7 +36,8 @@ class FuseInputs:
     region_target: str  # "weights" | "lora" | ""
     param_order: dict[str, int] = field(default_factory=dict)  # the model's parameter order (NLSR draws in it)
     selected_heads: list[tuple[str, int]] = field(default_factory=list)
-    unaligned: "WeightsInput | None" = None  # resta, safe_lora: θ_un (None = the base model)
+    unaligned: "WeightsInput | None" = None  # resta, safe_lora, safemerge: θ_un (None = the base model)
+    safety: tracking.InputRun | None = None  # safemerge: the safety LoRA
 
     @property
     def reference_ids(self) -> list[str]:
@@ -84,13 +86,15 @@ def resolve_inputs(cfg: FuseConfig, run: tracking.StageRun) -> FuseInputs:
     else:
         reference = resolve_weights_input(run, cfg.reference_run, "reference", REFERENCE_STAGES, base)
     unaligned = None
-    if cfg.method in ("resta", "safe_lora") and cfg.unaligned_run not in ("", "base"):
+    if cfg.method in ("resta", "safe_lora", "safemerge") and cfg.unaligned_run not in ("", "base"):
         unaligned = resolve_weights_input(run, cfg.unaligned_run, "unaligned", UNALIGNED_STAGES, base)
+    safety = run.resolve_input(cfg.safety_run, "safety", SAFETY_STAGES, base) if cfg.safety_run else None
 
     config, param_shapes = model_layout(cfg.model)
     inputs = FuseInputs(finetuned, reference.run, mask, finetuned_chain, reference.chain, reference.model_dir,
                         mode="full", granularity="", region=None, region_target="",
-                        param_order={name: i for i, name in enumerate(param_shapes)}, unaligned=unaligned)
+                        param_order={name: i for i, name in enumerate(param_shapes)}, unaligned=unaligned,
+                        safety=safety)
     if mask is not None:
         load_checked_region(cfg, inputs, config, param_shapes)
     inputs.mode = choose_mode(cfg, inputs)
@@ -191,7 +195,7 @@ def choose_mode(cfg: FuseConfig, inputs: FuseInputs) -> str:
     """lora when both adapters sit on the same merged model with the same LoRA config (and the region, if any,
     is over LoRA entries); `auto` picks it for restore only; full otherwise. safe_lora projects the attacked
     adapter's own factors (lora); resta adds a safety vector of full weights (full)."""
-    if cfg.method == "safe_lora":
+    if cfg.method in ("safe_lora", "safemerge"):
         return safe_lora_mode(cfg, inputs)
     if cfg.method == "resta" and cfg.mode == "lora":
         raise RealignError("resta adds θ_ref − θ_un to full weights; lora mode cannot hold it", "pass --mode auto or full")
@@ -217,21 +221,44 @@ def choose_mode(cfg: FuseConfig, inputs: FuseInputs) -> str:
 
 
 def safe_lora_mode(cfg: FuseConfig, inputs: FuseInputs) -> str:
-    """Safe LoRA projects the attacked LoRA update: the attack must have one, of plain A/B factors, and no region."""
+    """Safe LoRA and SafeMERGE rework the attacked LoRA update: the attack must have one, of plain A/B factors, and
+    no region; SafeMERGE's safety LoRA must share its base, rank and targets."""
     ft = inputs.finetuned
     if cfg.mode == "full":
-        raise RealignError("safe_lora projects the attacked adapter's LoRA factors, which full mode cannot",
+        raise RealignError(f"{cfg.method} works on the attacked adapter's LoRA factors, which full mode cannot",
                            "pass --mode auto or lora")
     if inputs.region is not None:
-        raise RealignError("safe_lora chooses its layers by similarity and takes no region", "drop --mask_run")
-    config_file = Path(ft.local_dir) / "adapter_config.json"
-    if not config_file.is_file():
-        raise RealignError(f"finetuned run {ft.run_id} has no LoRA adapter (a full-weight attack)",
-                           "Safe LoRA needs a LoRA attack: pass an attack run trained with LoRA")
-    if json.loads(config_file.read_text()).get("use_dora"):
-        raise RealignError(f"finetuned run {ft.run_id}'s adapter is DoRA, not a plain A/B update",
-                           "pass an attack run trained with plain LoRA")
+        raise RealignError(f"{cfg.method} chooses its layers by similarity and takes no region", "drop --mask_run")
+    ft_config = plain_lora_config(ft, "finetuned", "an attack run trained with LoRA")
+    if cfg.method == "safemerge":
+        safety = inputs.safety
+        safety_config = plain_lora_config(safety, "safety", "a run that logged a LoRA adapter")
+        if safety.adapter_base != ft.adapter_base:
+            raise RealignError(f"the safety adapter sits on runs [{', '.join(safety.adapter_base)}] and the attacked "
+                               f"one on [{', '.join(ft.adapter_base)}]: SafeMERGE merges two LoRAs of one base",
+                               "pass a safety run trained on the attack's base (e.g. the aligned adapter an "
+                               "--adapter continue attack started from)")
+        for key in ("r", "target_modules", "rank_pattern"):
+            mine, theirs = ft_config.get(key), safety_config.get(key)
+            if key == "target_modules":
+                mine, theirs = sorted(mine or []), sorted(theirs or [])
+            if (mine or None) != (theirs or None):
+                raise RealignError(f"the safety adapter's LoRA {key} ({theirs}) differs from the attacked one's "
+                                   f"({mine})", "pass a safety run trained with the attack's LoRA settings")
     return "lora"
+
+
+def plain_lora_config(source: tracking.InputRun, role: str, wanted: str) -> dict:
+    """A run's adapter_config.json, checked to be a plain LoRA (A/B factors, the usual α/r scale)."""
+    config_file = Path(source.local_dir) / "adapter_config.json"
+    if not config_file.is_file():
+        raise RealignError(f"{role} run {source.run_id} has no LoRA adapter (full weights)", f"pass {wanted}")
+    config = json.loads(config_file.read_text())
+    for key, what in (("use_dora", "DoRA"), ("use_rslora", "rsLoRA"), ("alpha_pattern", "a per-module alpha")):
+        if config.get(key):
+            raise RealignError(f"{role} run {source.run_id}'s adapter uses {what}, not a plain α/r LoRA update",
+                               f"pass {wanted} with plain LoRA")
+    return config
 
 
 def lora_ineligibility(inputs: FuseInputs) -> str:
