@@ -151,6 +151,8 @@ def test_compare_shows_the_front_of_every_search(store, tmp_path):
     table = pd.read_csv(f"{folder}/tables/search_fronts.csv")
     assert {"front-a", "front-b"} <= set(table["study"]), "every search of the experiment, not only the newest"
     assert table["report_harmful_score"].notna().all(), "every front trial carries its report-half numbers"
+    for name in ("harmful_score", "report_harmful_score"):
+        assert (table[f"{name} ci95_low"] <= table[name]).all() and (table[name] <= table[f"{name} ci95_high"]).all()
     for study in ("front-a", "front-b"):
         figure = json.load(open(f"{folder}/figures/search_{study}.json"))
         assert "Pareto front (search half)" in {trace.get("name") for trace in figure["data"]}

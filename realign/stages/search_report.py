@@ -159,6 +159,15 @@ def searches_in(runs) -> tuple[Any, list]:
                             note="" if figure is not None else "fewer than two objectives"))
         front = trials[trials["on_front"].astype(bool)].copy()
         front.insert(0, "study", study)
+        # each value's 95 % interval, from the trial's run (`<metric>_ci95_low`, `report_<metric>_ci95_low`, ...)
+        metrics = [tracking.run_metrics(run_id) if run_id else {} for run_id in front["run_id"]]
+        for metric, _ in objectives:
+            for name in (metric, f"report_{metric}"):
+                for bound in ("low", "high"):
+                    values = [m.get(f"{name}_ci95_{bound}") for m in metrics]
+                    if any(v is not None for v in values):
+                        front.insert(list(front.columns).index(name) + (1 if bound == "low" else 2),
+                                     f"{name} ci95_{bound}", values)
         front["search_run_id"] = search["run_id"]
         tables.append(front.drop(columns=["on_front", "state"]))
     return (pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()), charts
