@@ -77,6 +77,8 @@ class AttackConfig:
 @dataclass
 class EvaluateConfig:
     run: str = option("", "run whose model to evaluate (align, attack, expo, fuse); omit for the base model")
+    copy_to_run: bool = option(True, "also put the numbers on the evaluated run (default true; a search's report "
+                                     "evaluation keeps the trial's own search-half numbers: false)")
     recipe: str = option("default", "conf/evaluate/<recipe>.yaml (default)")
     model: ModelConfig = field(default_factory=ModelConfig)
     experiment: str = option("", EXPERIMENT_HELP)

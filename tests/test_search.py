@@ -67,6 +67,10 @@ def test_trials_are_nested_fuse_runs_on_the_search_half_and_the_front_is_reporte
     assert parent_run.data.metrics["search_seconds_per_trial"] > 0
     rows = _pareto(parent)
     assert len(rows) == 4 and all(r["state"] == "COMPLETE" for r in rows)
+    first = mlflow.get_run(rows[0]["run_id"])
+    search_n, search_digest = first.data.metrics["harmful_score_n"], first.data.tags[tracking.TAG_PROMPTS_DIGEST]
+    evaluation = next(r for r in _runs("evaluate"))
+    assert evaluation.data.tags[tracking.TAG_PROMPTS_DIGEST] != search_digest, "the report half is other prompts"
     for row in rows:
         params = json.loads(row["params"])
         assert ("repair.density" in params) == (params["repair.method"] == "ties"), "density only where ties"
@@ -74,6 +78,9 @@ def test_trials_are_nested_fuse_runs_on_the_search_half_and_the_front_is_reporte
         assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["realign.study"] == "tiny-study"
         assert run.data.params["eval.prompt_split"] == "search"
         assert run.data.metrics["harmful_score"] == pytest.approx(row["harmful_score"])
+        # the report evaluation leaves the trial's own search-half numbers (n prompts, prompt digest) as they were
+        assert run.data.metrics["harmful_score_n"] == search_n
+        assert run.data.tags[tracking.TAG_PROMPTS_DIGEST] == search_digest
         if row["on_front"]:
             assert row["report_harmful_score"] is not None and "report_harmful_score" in run.data.metrics
         else:

@@ -194,7 +194,8 @@ def resolve_evaluate_config(overrides: dict[str, Any]) -> EvaluateConfig:
 
 
 def evaluate_body(run: tracking.StageRun, cfg: EvaluateConfig) -> None:
-    """Evaluate the base model or a run's model; copy the numbers onto the evaluated run."""
+    """Evaluate the base model or a run's model; copy the numbers onto the evaluated run (unless copy_to_run is
+    false)."""
     target = None
     model_cfg, adapters = cfg.model, []
     if cfg.run not in ("", "base"):
@@ -207,7 +208,7 @@ def evaluate_body(run: tracking.StageRun, cfg: EvaluateConfig) -> None:
     run.set_name(f"evaluate/{name}")
     run.set_tags({tracking.TAG_METHOD: cfg.eval.judge})
     result = evaluate_and_log(run, model_cfg, adapters, cfg.eval, task=task)
-    if target is not None:
+    if target is not None and cfg.copy_to_run:
         tracking.copy_evaluation(target.run_id, result.metrics, result.identity)
 
 

@@ -22,7 +22,8 @@ def report_evaluation(spec: SearchSpec, run_id: str, experiment: str) -> dict[st
     settings.update({"eval.prompt_split": "report", "eval.enabled": "true"})
     if not settings.get("eval.task"):
         settings["eval.task"] = run.data.tags.get(tracking.TAG_TASK, "")
-    overrides = {"run": run_id, "experiment": experiment, **settings}
+    # the trial's run keeps its own (search-half) numbers and measure; only report_<metric> is added to it
+    overrides = {"run": run_id, "experiment": experiment, "copy_to_run": "false", **settings}
     if spec.model:
         overrides["model"] = spec.model
     evaluate_id, _ = run_or_reuse("evaluate", overrides, experiment)
