@@ -117,6 +117,20 @@ def _safe_lora_expected(a, b, v):
     return c @ b, similarity
 
 
+def _safe_lora_per_module(store, attacked):
+    """{module: (C·B, similarity)} of an attacked adapter's modules, V = W_dpo − W_sft (PEFT-merged here)."""
+    aligned, unaligned = _weights(store["sft"], store["dpo"]), _weights(store["sft"])
+    expected = {}
+    for key in attacked:
+        if ".lora_A." in key:
+            module = key.split(".lora_A.")[0]
+            weight = module.removeprefix("base_model.model.") + ".weight"
+            v = aligned[weight].float() - unaligned[weight].float()
+            expected[module] = _safe_lora_expected(attacked[key].float(),
+                                                   attacked[f"{module}.lora_B.weight"].float(), v)
+    return expected
+
+
 @pytest.mark.parametrize("select", ["count", "threshold"])
 def test_safe_lora_projects_the_least_aligned_modules_b_onto_the_alignment_matrix(store, tmp_path, select):
     options = {"safe_lora_layers": "3"} if select == "count" else {"safe_lora_tau": "0.3"}
@@ -127,15 +141,7 @@ def test_safe_lora_projects_the_least_aligned_modules_b_onto_the_alignment_matri
     assert run.data.tags[tracking.TAG_ADAPTER_BASE] == f"{store['sft']},{store['dpo']}"
     attacked = load_file(f"{_adapter_dir(store['attack'])}/adapter_model.safetensors")
     fused = load_file(f"{_adapter_dir(fuse_id)}/adapter_model.safetensors")
-    aligned, unaligned = _weights(store["sft"], store["dpo"]), _weights(store["sft"])
-    expected = {}
-    for key in attacked:
-        if ".lora_A." in key:
-            module = key.split(".lora_A.")[0]
-            weight = module.removeprefix("base_model.model.") + ".weight"
-            v = aligned[weight].float() - unaligned[weight].float()
-            expected[module] = _safe_lora_expected(attacked[key].float(),
-                                                   attacked[f"{module}.lora_B.weight"].float(), v)
+    expected = _safe_lora_per_module(store, attacked)
     similarities = sorted(s for _, s in expected.values())
     cutoff = similarities[2] if select == "count" else 0.3
     projected = 0
@@ -160,15 +166,7 @@ def test_safemerge_merges_the_safety_lora_per_factor_where_the_attacked_update_s
     safety = load_file(f"{_adapter_dir(store['dpo'])}/adapter_model.safetensors")
     config = json.load(open(f"{_adapter_dir(store['continued'])}/adapter_config.json"))
     scale = config["lora_alpha"] / config["r"]  # the same LoRA settings for both (SafeMERGE refuses others)
-    aligned, unaligned = _weights(store["sft"], store["dpo"]), _weights(store["sft"])
-    similarity = {}
-    for key in attacked:
-        if ".lora_A." in key:
-            module = key.split(".lora_A.")[0]
-            weight = module.removeprefix("base_model.model.") + ".weight"
-            _, similarity[module] = _safe_lora_expected(
-                attacked[key].float(), attacked[f"{module}.lora_B.weight"].float(),
-                aligned[weight].float() - unaligned[weight].float())
+    similarity = {module: value for module, (_, value) in _safe_lora_per_module(store, attacked).items()}
     ordered = sorted(similarity.values())
     middle = len(ordered) // 2  # about half the modules below τ, none at it (float noise would decide that one)
     tau = (ordered[middle - 1] + ordered[middle]) / 2
