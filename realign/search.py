@@ -15,10 +15,15 @@ A search file (conf/search/<name>.yaml) names:
     objectives: [{metric: harmful_score, direction: minimize}, {metric: finetune_accuracy, direction: maximize}]
     sampler: nsga2                        # nsga2 (default) | tpe | random
     seed: 0
+    kept_scores_gb: 2                     # SNIP/Wanda scores kept in memory across trials (0: recompute each trial)
 
 `newest:<stage>[/<method>]` is the newest finished run of that stage (and method) of the model in the experiment.
 Parameter types: float, log-float, int, categorical; `when` samples a parameter only where the named, earlier
 parameters took one of the listed values (Optuna's define-by-run conditional spaces).
+
+Trials that score the same model with the same calibration settings and differ only in what they select (the
+sparsity) share the SNIP or Wanda scores: the first computes them, the others select from them in memory (their
+score runs carry `realign.scores_from`). A model whose scores exceed `kept_scores_gb` is scored in every trial.
 
 Honest selection: every trial is evaluated on the `search` half of the held-out prompts (`eval.prompt_split`);
 the Pareto-optimal trials are then evaluated again on the `report` half, logged on the trial's last run as
@@ -39,7 +44,7 @@ from realign.errors import RealignError
 PARAM_TYPES = ("float", "log-float", "int", "categorical")
 SAMPLERS = ("nsga2", "tpe", "random")
 DIRECTIONS = ("minimize", "maximize")
-SPEC_KEYS = ("study", "experiment", "model", "steps", "space", "objectives", "sampler", "seed")
+SPEC_KEYS = ("study", "experiment", "model", "steps", "space", "objectives", "sampler", "seed", "kept_scores_gb")
 STEP_REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)\}")
 _NEWEST = re.compile(r"^newest:([a-z]+)(?:/([\w-]+))?$")
 
@@ -85,6 +90,7 @@ class SearchSpec:
     objectives: list[tuple[str, str]]  # (metric, direction)
     sampler: str = "nsga2"
     seed: int = 0
+    kept_scores_gb: float = 2.0
 
 
 def search_path(name_or_path: str) -> Path:
@@ -126,7 +132,7 @@ def load_search(name_or_path: str, overrides: dict[str, Any] | None = None) -> S
                                        f"use one of the steps before it: {', '.join(list(steps)[:list(steps).index(step_name)]) or 'none'}")
     for key, value in list(overrides.items()):
         step, _, rest = str(key).partition(".")
-        if key in ("experiment", "model", "seed", "sampler"):
+        if key in ("experiment", "model", "seed", "sampler", "kept_scores_gb"):
             continue
         if step not in steps or not rest:
             raise RealignError(f"override {key!r} names no step of {where}", f"prefix it with one of: {', '.join(steps)}")
@@ -151,10 +157,15 @@ def load_search(name_or_path: str, overrides: dict[str, Any] | None = None) -> S
     sampler = str(overrides.get("sampler") or raw.get("sampler") or "nsga2")
     if sampler not in SAMPLERS:
         raise RealignError(f"{where}: unknown sampler {sampler!r}", f"use one of: {', '.join(SAMPLERS)}")
+    kept_scores_gb = overrides.get("kept_scores_gb", raw.get("kept_scores_gb", 2.0))
+    if not isinstance(kept_scores_gb, (int, float)) or isinstance(kept_scores_gb, bool) or kept_scores_gb < 0:
+        raise RealignError(f"{where}: kept_scores_gb={kept_scores_gb!r} is not a number >= 0",
+                           "write the memory for scores kept across trials in GB, e.g. 2 (0: none kept)")
     return SearchSpec(study=str(raw.get("study") or path.stem), path=path,
                       experiment=str(overrides.get("experiment") or raw.get("experiment") or ""),
                       model=str(overrides.get("model") or raw.get("model") or ""), steps=steps, space=space,
-                      objectives=objectives, sampler=sampler, seed=int(overrides.get("seed", raw.get("seed", 0))))
+                      objectives=objectives, sampler=sampler, seed=int(overrides.get("seed", raw.get("seed", 0))),
+                      kept_scores_gb=float(kept_scores_gb))
 
 
 def _param(where: str, name: str, spec: Any, steps: dict[str, dict]) -> Param:

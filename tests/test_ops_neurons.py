@@ -357,3 +357,49 @@ def test_registry_names_each_method_once_with_its_region_kind():
     assert not selection.METHODS["actsvd"].uses_utility(selection.ScoreSettings(utility_rank=0))
     with pytest.raises(RealignError, match="unknown scoring method 'magnitude'"):
         selection.get_method("magnitude")
+
+
+def test_kept_scores_answer_a_second_selection_without_scoring_again(model, batches, monkeypatch):
+    modules = neurons.find_scored_modules(model, ["q_proj", "down_proj"], "weights")
+    calls = []
+    snip = selection.ELEMENTWISE_SCORES["snip"]
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return snip(*args, **kwargs)
+
+    monkeypatch.setitem(selection.ELEMENTWISE_SCORES, "snip", counted)
+    memo = selection.ScoreMemo(budget_bytes=10**9)
+    kept = dict(memo=memo, memo_key="tiny|calibration", memo_origin="run-a")
+    first = selection.score_region("snip", model, modules, batches, [], selection.ScoreSettings(sparsity=0.05, **kept))
+    second = selection.score_region("snip", model, modules, batches, [],
+                                    selection.ScoreSettings(sparsity=0.2, **{**kept, "memo_origin": "run-b"}))
+    assert len(calls) == 1 and memo.hits == [("tiny|calibration|snip|safety", "run-a")]
+    fresh = selection.score_region("snip", model, modules, batches, [], selection.ScoreSettings(sparsity=0.2))
+    assert len(calls) == 2
+    for key in fresh.tensors:
+        assert torch.equal(second.tensors[key], fresh.tensors[key]), key
+        assert first.selected[key] < second.selected[key]
+    assert second.heads.keys() == fresh.heads.keys()
+
+    # another key (other calibration data), or other modules under the same key, is scored again
+    selection.score_region("snip", model, modules, batches, [],
+                           selection.ScoreSettings(sparsity=0.2, **{**kept, "memo_key": "tiny|other"}))
+    selection.score_region("snip", model, modules[:1], batches, [], selection.ScoreSettings(sparsity=0.2, **kept))
+    assert len(calls) == 4 and len(memo.hits) == 1
+
+
+def test_kept_scores_stay_within_their_budget(model, batches):
+    modules = neurons.find_scored_modules(model, ["q_proj", "down_proj"], "weights")
+    one_set = sum(m.weight.numel() * 4 for m in modules)
+    memo = selection.ScoreMemo(budget_bytes=one_set - 1)
+    settings = selection.ScoreSettings(sparsity=0.05, memo=memo, memo_key="big")
+    selection.score_region("wanda", model, modules, batches, [], settings)
+    selection.score_region("wanda", model, modules, batches, [], settings)
+    assert memo.entries == {} and memo.too_big == {"big|wanda|safety"} and memo.hits == []
+
+    memo = selection.ScoreMemo(budget_bytes=one_set)  # room for one set: the older one is dropped for the newer
+    for key in ("a", "b"):
+        selection.score_region("wanda", model, modules, batches, [],
+                               selection.ScoreSettings(memo=memo, memo_key=key))
+    assert list(memo.entries) == ["b|wanda|safety"] and memo.held_bytes() == one_set

@@ -109,6 +109,36 @@ def test_an_identical_trial_reuses_the_finished_run(store, tmp_path):
     assert len({r["run_id"] for r in rows}) == 1 and len(_runs("fuse")) == before + 1
 
 
+def test_trials_that_differ_only_in_sparsity_select_from_the_first_trials_scores(store, tmp_path):
+    spec = {"study": "kept-scores", "model": "tiny", "experiment": "searches",
+            "steps": {"region": {"stage": "score", "model_run": store["dpo"], "method": "wanda", "nsamples": 4,
+                                 "data.max_length": 64, "eval.enabled": False},
+                      "repair": {"stage": "fuse", "finetuned_run": store["attack"], "reference_run": store["dpo"],
+                                 "mask_run": "${region}", "method": "restore", "selection": "all", **QUIET_EVAL}},
+            "space": {"region.sparsity": {"type": "float", "low": 0.01, "high": 0.3}},
+            "sampler": "random", "seed": 0}
+    path = tmp_path / "kept-scores.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    parent = run_search({"name": str(path), "n_trials": 3, "storage": f"sqlite:///{tmp_path / 'kept.db'}"})
+    regions = sorted((r for r in _runs("score") if r.data.tags.get("mlflow.parentRunId") == parent),
+                     key=lambda r: int(r.data.tags["realign.trial"]))
+    assert len(regions) == 3 and all(r.info.status == "FINISHED" for r in regions)
+    first = regions[0]
+    assert "realign.scores_from" not in first.data.tags
+    assert [r.data.tags.get("realign.scores_from") for r in regions[1:]] == [first.info.run_id] * 2
+    fractions = [r.data.metrics["selected_fraction"] for r in regions]
+    sparsities = [float(r.data.params["sparsity"]) for r in regions]
+    assert fractions == pytest.approx(sparsities, abs=0.01), "each trial selects its own fraction"
+
+    without = _search_file(tmp_path, store, spec["space"], study="no-kept-scores", kept_scores_gb=0)
+    raw = yaml.safe_load(open(without))
+    raw["steps"] = {**spec["steps"], "region": {**spec["steps"]["region"], "nsamples": 3}}
+    open(without, "w").write(yaml.safe_dump(raw, sort_keys=False))
+    parent = run_search({"name": without, "n_trials": 2, "storage": f"sqlite:///{tmp_path / 'kept.db'}"})
+    regions = [r for r in _runs("score") if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert len(regions) == 2 and not any("realign.scores_from" in r.data.tags for r in regions)
+
+
 def test_a_failed_trial_is_failed_in_mlflow_and_the_study_and_the_search_goes_on(store, tmp_path):
     # lora mode cannot fuse an attack on the DPO model with the DPO adapter (different bases): that trial fails
     space = {"repair.mode": {"type": "categorical", "choices": ["full", "lora"]}}
@@ -133,6 +163,8 @@ def test_a_failed_trial_is_failed_in_mlflow_and_the_study_and_the_search_goes_on
     ({"repair.density": {"type": "float", "low": 0.1, "high": 1, "when": {"repair.method": ["ties"]}},
       "repair.method": {"type": "categorical", "choices": ["ties"]}}, {}, "not a parameter listed before it"),
     ({"nostep.scale": {"type": "float", "low": 0.1, "high": 1}}, {}, "parameter 'nostep.scale' names no step"),
+    ({"repair.scale": {"type": "float", "low": 0.1, "high": 1}}, {"kept_scores_gb": -1},
+     "kept_scores_gb=-1 is not a number >= 0"),
 ])
 def test_a_bad_search_file_fails_in_one_line_before_the_first_trial(store, tmp_path, space, extra, fragment):
     path = _search_file(tmp_path, store, space, study="bad", **extra)

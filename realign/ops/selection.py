@@ -41,6 +41,11 @@ class ScoreSettings:
     comparison: str = "matrix"
     num_heads: int = 0  # attention heads per layer; > 0 (target weights) = also sum each head's safety score
     state_budget_bytes: int = 256 * 2**20  # scoring state held per pass
+    # snip, wanda, set_difference: element-wise scores kept across calls (a search's trials that differ only in
+    # sparsity), under `memo_key` = what the caller knows determines them (the model, the calibration data)
+    memo: "ScoreMemo | None" = None
+    memo_key: str = ""
+    memo_origin: str = ""  # who computes the scores when they are not held (a run id), reported by later hits
 
 
 @dataclass
@@ -87,14 +92,79 @@ class _HeadSums:
         self.heads[block] = self.heads.get(block, torch.zeros(self.num_heads)) + sums.cpu()
 
 
+class ScoreMemo:
+    """Element-wise scores of whole models, kept in CPU memory up to `budget_bytes` in all, the oldest dropped first.
+
+    A search whose trials differ only in the selected fraction computes SNIP or Wanda on the same model and the same
+    calibration data again and again; the selection (a top fraction) is the cheap part. A key's scores are kept only
+    once every module was scored (a call stopped halfway keeps nothing), and a model whose scores alone exceed the
+    budget is recomputed every time (`too_big` names it, so the caller can say so). Only the module keys and the
+    score tensors are kept, never a module: the next call's model is a new one.
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.entries: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # key -> (origin, module key -> score)
+        self.too_big: set[str] = set()
+        self.hits: list[tuple[str, str]] = []  # (key, origin) of every call answered from memory
+
+    def held_bytes(self) -> int:
+        return sum(score.numel() * score.element_size() for _, scores in self.entries.values()
+                   for score in scores.values())
+
+    def scores(self, key: str, origin: str, compute: Callable[[], Iterator[tuple[ScoredModule, torch.Tensor]]],
+               modules: Sequence[ScoredModule]) -> Iterator[tuple[ScoredModule, torch.Tensor]]:
+        """The scores under `key` if held for exactly these modules, else `compute()`'s, kept on the way.
+        `origin` (who computes them, e.g. a run id) is what a later hit reports."""
+        if key in self.entries:
+            held_origin, held = self.entries[key]
+            if list(held) == [scored.key for scored in modules]:
+                self.hits.append((key, held_origin))
+                for scored in modules:
+                    yield scored, held[scored.key]
+                return
+            del self.entries[key]
+        if key in self.too_big:
+            yield from compute()
+            return
+        kept: dict[str, torch.Tensor] | None = {}
+        kept_bytes = 0
+        for scored, score in compute():
+            if kept is not None:
+                kept_bytes += score.numel() * score.element_size()
+                if kept_bytes <= self.budget_bytes:
+                    kept[scored.key] = score.detach().to("cpu")
+                else:
+                    kept = None
+                    self.too_big.add(key)
+            yield scored, score
+        if kept is not None:
+            while self.entries and self.held_bytes() + kept_bytes > self.budget_bytes:
+                del self.entries[next(iter(self.entries))]
+            self.entries[key] = (origin, kept)
+
+
+def _scores(score_name: str, model, modules, batches, settings: ScoreSettings, calibration: str,
+            description: str) -> Iterator[tuple[ScoredModule, torch.Tensor]]:
+    """One element-wise score of every module on one calibration set (`safety` or `utility`), from the memo when
+    the settings carry one that holds it."""
+    def compute():
+        return ELEMENTWISE_SCORES[score_name](model, modules, batches, settings.state_budget_bytes, description)
+
+    if settings.memo is None or not settings.memo_key:
+        return compute()
+    key = f"{settings.memo_key}|{score_name}|{calibration}"
+    return settings.memo.scores(key, settings.memo_origin, compute, modules)
+
+
 def _elementwise(score_name: str):
     def select(method: ScoreMethod, model, modules, safety, utility, settings: ScoreSettings) -> Selection:
         region = Selection("neurons")
         heads = _HeadSums(settings.num_heads)
         storage = _MaskStorage(modules)
-        scores = ELEMENTWISE_SCORES[score_name]
         select_top = top_fraction_mask_rows if settings.comparison == "row" else top_fraction_mask
-        for scored, score in scores(model, modules, safety, settings.state_budget_bytes, f"{method.name} safety"):
+        for scored, score in _scores(score_name, model, modules, safety, settings, "safety",
+                                     f"{method.name} safety"):
             _keep(region, scored, select_top(score, settings.sparsity, out=storage[scored.key]))
             heads.add(scored, score)
             del score
@@ -108,12 +178,13 @@ def _set_difference(method: ScoreMethod, model, modules, safety, utility, settin
     region = Selection("neurons")
     heads = _HeadSums(settings.num_heads)
     storage = _MaskStorage(modules)  # the top-q safety masks wait there for the utility pass, not the scores
-    scores = ELEMENTWISE_SCORES[settings.difference_score]
-    for scored, score in scores(model, modules, safety, settings.state_budget_bytes, f"{method.name} safety"):
+    score_name = settings.difference_score
+    for scored, score in _scores(score_name, model, modules, safety, settings, "safety", f"{method.name} safety"):
         top_fraction_mask(score, settings.top_q, out=storage[scored.key])
         heads.add(scored, score)
         del score
-    for scored, score in scores(model, modules, utility, settings.state_budget_bytes, f"{method.name} utility"):
+    for scored, score in _scores(score_name, model, modules, utility, settings, "utility",
+                                 f"{method.name} utility"):
         mask = storage[scored.key]
         mask &= ~top_fraction_mask(score, settings.top_p).cpu()
         _keep(region, scored, mask)

@@ -16,6 +16,10 @@ Every input is checked before a model is loaded.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +37,31 @@ from realign.stages.evaluate import evaluate_model
 
 SCORED_STAGES = ("align", "expo", "attack")  # attack: Antidote scores the attacked model
 SANITY_VARIANTS = ("zeroed_selected", "zeroed_random")
+TAG_SCORES_FROM = "realign.scores_from"  # the score run whose SNIP/Wanda scores this run selected from
+# Settings that only choose from the scores, not what the scores are: runs differing only in these can share them.
+SELECTION_ONLY = ("method", "sparsity", "top_q", "top_p", "comparison", "difference_score", "model_run")
+
+_KEPT_SCORES: selection.ScoreMemo | None = None  # set by keep_scores(), around a search's trials
+
+
+@contextlib.contextmanager
+def keep_scores(budget_bytes: int):
+    """Within it, the SNIP and Wanda scores a score run computes are kept in memory (up to `budget_bytes`) for the
+    next score runs of the same model with the same calibration settings, which then only select from them (the run
+    is tagged `realign.scores_from` with the run that computed them). A search opens it around its trials."""
+    global _KEPT_SCORES
+    previous, _KEPT_SCORES = _KEPT_SCORES, selection.ScoreMemo(budget_bytes)
+    try:
+        yield _KEPT_SCORES
+    finally:
+        _KEPT_SCORES = previous
+
+
+def scores_key(cfg: ScoreConfig, weights: "ScoredWeights") -> str:
+    """What determines a run's element-wise scores: the scored run (its artifacts never change) and every setting
+    but those that only select from the scores."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SELECTION_ONLY}
+    return json.dumps({"scored_run": weights.run_id or "base", **settings}, sort_keys=True, default=str)
 
 
 def resolve_score_config(overrides: dict[str, Any]) -> ScoreConfig:
@@ -96,8 +125,18 @@ def score_body(run: tracking.StageRun, cfg: ScoreConfig) -> None:
         safety_rows, kept = own_safe_answers(cfg, model, tokenizer)
         run.log_params({"data.self_answers": kept["answered"], "data.self_kept": kept["kept"]})
         run.log_dataset(safety_rows, name="score-safety-self", context="calibration-safety")
+    memo = _KEPT_SCORES
+    hits_before, too_big_before = (len(memo.hits), len(memo.too_big)) if memo else (0, 0)
     region, seconds, examples = score_calibrated(cfg, model, base_config, tokenizer, modules, safety_rows,
-                                                 utility_rows)
+                                                 utility_rows, memo, scores_key(cfg, weights), run.run_id)
+    if memo and len(memo.hits) > hits_before:
+        origin = memo.hits[-1][1]
+        run.set_tags({TAG_SCORES_FROM: origin})
+        print(f"score/{cfg.method}: the {method.name} scores of run {origin} reused (same model and calibration); "
+              "selected anew", file=sys.stderr)
+    if memo and len(memo.too_big) > too_big_before:
+        print(f"score/{cfg.method}: its scores exceed the {memo.budget_bytes / 2**30:.1f} GB kept across runs; "
+              "every trial scores again (raise kept_scores_gb to keep them)", file=sys.stderr)
     metadata = {"realign.method": cfg.method, "realign.target": cfg.target, "realign.base_model": cfg.model.name,
                 "realign.architecture": masks.architecture_id(base_config),
                 "realign.source.model": weights.run_id or "base"}
@@ -108,13 +147,16 @@ def score_body(run: tracking.StageRun, cfg: ScoreConfig) -> None:
         sanity_check(run, cfg, mask_path, model, tokenizer, modules)
 
 
-def score_calibrated(cfg: ScoreConfig, model, base_config, tokenizer, modules, safety_rows, utility_rows):
-    """(the region, seconds it took, calibration examples) of the method on these calibration rows."""
+def score_calibrated(cfg: ScoreConfig, model, base_config, tokenizer, modules, safety_rows, utility_rows,
+                     kept: selection.ScoreMemo | None = None, key: str = "", origin: str = ""):
+    """(the region, seconds it took, calibration examples) of the method on these calibration rows; with `kept`,
+    element-wise scores held under `key` are selected from instead of computed (and kept, from `origin`)."""
     safety = calibration_batches(tokenizer, safety_rows, cfg)
     utility = calibration_batches(tokenizer, utility_rows, cfg) if utility_rows is not None else []
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     num_heads = base_config.num_attention_heads if cfg.target == "weights" else 0
     settings = score_settings(cfg, num_heads, int(cfg.state_budget * weight_bytes))
+    settings.memo, settings.memo_key, settings.memo_origin = kept, key, origin
     start = time.perf_counter()
     region = selection.score_region(cfg.method, model, modules, safety, utility, settings)
     seconds = time.perf_counter() - start

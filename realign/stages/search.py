@@ -215,8 +215,12 @@ def search(overrides: dict[str, Any], fill: bool) -> tuple[str, bool]:
                 bar.set_postfix_str(f"front {len(front)}: " + "; ".join(
                     ", ".join(f"{v:.1f}" for v in values) for values in front[:3]))
 
-            study.optimize(objective, n_trials=n_trials, timeout=float(timeout) if timeout else None,
-                           catch=(Exception,), callbacks=[progress])
+            from realign.stages.score import keep_scores
+
+            kept = keep_scores(int(spec.kept_scores_gb * 2**30)) if spec.kept_scores_gb > 0 else contextlib.nullcontext()
+            with kept:
+                study.optimize(objective, n_trials=n_trials, timeout=float(timeout) if timeout else None,
+                               catch=(Exception,), callbacks=[progress])
             bar.close()
         ran = len(study.trials) - before
         if ran:
