@@ -165,6 +165,10 @@ def _nested_help(config: type, key: str) -> str:
 @click.option("--model", help="conf/model/<preset>.yaml for every step (default: the experiment file's)")
 @click.option("--experiment", help="MLflow experiment of every run (default: $MLFLOW_EXPERIMENT_NAME, else the "
                                    "experiment file's, else realign; under `mlflow run`, the one it chose)")
+@click.option("--executor", type=click.Choice(["local", "ray"]),
+              help="local: one cell after another in this process (default); ray: each cell a Ray task as soon as "
+                   "the cells it refers to finished (needs a tracking server; pip install 'realign[ray]')")
+@click.option("--address", help="--executor ray: the Ray cluster's address (default: start one on this machine)")
 @click.option("--dry-run", is_flag=True, help="resolve and check every step's config and list the runs it "
                                              "would make or reuse; start no run")
 @click.pass_context

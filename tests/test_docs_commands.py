@@ -39,6 +39,12 @@ NOT_RUN = {
                                           "(bench/fuse_memory.py documents it; a test must not install a torch)",
     "/tmp/mergekit-venv/bin/pip": "the same second venv",
     ".venv/bin/python -m pytest": "this test suite",
+    "apt-get install": "installs Debian packages (scripts/setup.sh --test installs what the tests need)",
+    ".venv/bin/pip install": "installs Python packages (scripts/setup.sh --test installs the test extras)",
+    "pip install": "installs Python packages (scripts/setup.sh --test installs the test extras)",
+    "bash scripts/server.sh": "a server in the foreground: tests/test_ray_executor.py starts it as written, on free "
+                              "ports",
+    "ray start": "a node of a multi-node Ray cluster; the tests use a cluster of one machine",
 }
 
 

@@ -114,6 +114,13 @@ def test_grid_cells_match_the_cells_they_refer_to(tmp_path):
     attack = experiment.cells[3]
     assert attack.overrides["ratio"] == 0.1 and "m" not in attack.overrides
     assert experiment.cells[0].overrides["method"] == "${m}"
+    # the graph a Ray executor walks: each cell needs the cells its references pick; compare needs all before it
+    assert [cell.needs for cell in experiment.cells] == [[], [], [0], [0], [1], [1], [5]]
+    spec["steps"]["summary"] = {"stage": "compare", "resources": {"num_cpus": 1}}
+    spec["steps"]["attack"]["resources"] = {"num_gpus": 1, "num_cpus": 4}
+    experiment = load_experiment(_write(tmp_path, spec))
+    assert experiment.cells[-1].needs == list(range(7)) and experiment.cells[2].resources == {"num_gpus": 1.0,
+                                                                                             "num_cpus": 4.0}
 
 
 @pytest.mark.parametrize("steps, fragment", [
@@ -122,10 +129,22 @@ def test_grid_cells_match_the_cells_they_refer_to(tmp_path):
      "matches 2 runs"),
     ({"a": {"stage": "train"}}, "has no known stage"),
     ({"a": {"stage": "attack", "grid": {"ratio": 0.1}}}, "not lists of values"),
+    ({"a": {"stage": "attack", "resources": {"gpus": 1}}}, "has resources {'gpus': 1}"),
+    ({"a": {"stage": "attack", "resources": {"num_gpus": -1}}}, "has resources {'num_gpus': -1}"),
 ])
 def test_bad_experiment_files_fail_before_anything_runs(tmp_path, steps, fragment):
     with pytest.raises(RealignError, match=fragment.replace("$", r"\$").replace("{", r"\{").replace("}", r"\}")):
         load_experiment(_write(tmp_path, {"steps": steps}))
+
+
+def test_an_unknown_executor_or_an_address_without_ray_fails_in_one_line(tmp_path, tracking_store):
+    with pytest.raises(RealignError, match="unknown executor 'slurm'"):
+        load_experiment(_write(tmp_path, {**TINY_CHAIN, "executor": "slurm"}))
+    with pytest.raises(RealignError, match="unknown executor 'dask'"):
+        run_pipeline({"name": _write(tmp_path, TINY_CHAIN), "executor": "dask"})
+    with pytest.raises(RealignError, match="--address is a Ray cluster's address, and the executor is local"):
+        run_pipeline({"name": _write(tmp_path, TINY_CHAIN), "address": "auto"})
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list"), "refused before any run"
 
 
 def test_override_must_name_a_step(tmp_path):

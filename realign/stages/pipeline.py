@@ -43,7 +43,9 @@ from realign.config import conf_dir, read_yaml
 from realign.errors import RealignError
 from realign.stages import base, stage_table
 
-STEP_KEYS = ("stage", "grid", "each")  # the other keys of a step are the stage's own overrides
+STEP_KEYS = ("stage", "grid", "each", "resources")  # the other keys of a step are the stage's own overrides
+EXECUTORS = ("local", "ray")
+RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")  # what a Ray task can ask for (memory in bytes)
 SEARCH = "search"  # a step kind that is a study, not a stage: realign.stages.search
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)(?:\[([^\]]*)\])?\}")
 
@@ -58,6 +60,10 @@ class Cell:
     overrides: dict[str, Any]  # with ${...} still unresolved
     run_id: str = ""
     reused: bool = False
+    needs: list[int] = field(default_factory=list)  # indices of the cells it refers to (all earlier ones: compare)
+    resources: dict[str, float] = field(default_factory=dict)  # a Ray task's num_cpus, num_gpus, memory
+    status: str = "pending"  # pending | finished | reused | failed | skipped
+    error: str = ""
 
     @property
     def label(self) -> str:
@@ -72,6 +78,7 @@ class Experiment:
     experiment: str
     requested: str = ""  # --experiment on the command line
     file_experiment: str = ""  # the file's own `experiment:`
+    executor: str = "local"  # the file's `executor:` (local: one cell after another; ray: a graph on a cluster)
     cells: list[Cell] = field(default_factory=list)
 
 
@@ -107,9 +114,12 @@ def load_experiment(name_or_path: str, overrides: dict[str, Any] | None = None) 
     """Read and expand an experiment file; every reference is checked here, before anything runs."""
     path = experiment_path(name_or_path)
     spec = read_yaml(path)
-    unknown = sorted(set(spec) - {"experiment", "model", "steps"})
+    unknown = sorted(set(spec) - {"experiment", "model", "steps", "executor"})
     if unknown:
-        raise RealignError(f"{path}: unknown key {unknown[0]!r}", "use experiment, model and steps")
+        raise RealignError(f"{path}: unknown key {unknown[0]!r}", "use experiment, model, executor and steps")
+    executor = str(spec.get("executor") or "local")
+    if executor not in EXECUTORS:
+        raise RealignError(f"{path}: unknown executor {executor!r}", f"use one of: {', '.join(EXECUTORS)}")
     steps = spec.get("steps")
     if not isinstance(steps, dict) or not steps:
         raise RealignError(f"{path}: no steps", "list the stages under steps: <name>: {stage: ..., ...}")
@@ -129,7 +139,7 @@ def load_experiment(name_or_path: str, overrides: dict[str, Any] | None = None) 
         step_overrides[step][rest] = value
 
     result = Experiment(name=path.stem, path=path, experiment=experiment, requested=requested,
-                        file_experiment=file_experiment)
+                        file_experiment=file_experiment, executor=executor)
     seen: dict[str, list[Cell]] = {}
     for step_name, step in steps.items():
         if not isinstance(step, dict) or step.get("stage") not in (*stage_table(), SEARCH):
@@ -145,6 +155,7 @@ def load_experiment(name_or_path: str, overrides: dict[str, Any] | None = None) 
             raise RealignError(f"{path}: step {step_name!r} names {sorted(set(grid) & set(each))[0]!r} in both "
                                "grid and each", "keep each key in one of them")
         params = {k: v for k, v in step.items() if k not in STEP_KEYS}
+        resources = _resources(path, step_name, step.get("resources"))
         base = {"experiment": experiment, **({"model": model} if model else {})}
         if step["stage"] == "compare":
             base.pop("model", None)
@@ -154,16 +165,33 @@ def load_experiment(name_or_path: str, overrides: dict[str, Any] | None = None) 
             grid_values = dict(zip(axes, values))
             passed = {k: v for k, v in grid_values.items() if k in grid}
             cell = Cell(step_name, step["stage"], grid_values,
-                        {**base, **params, **passed, **step_overrides[step_name]})
-            for value in cell.overrides.values():
-                _check_references(path, cell, value, seen)
+                        {**base, **params, **passed, **step_overrides[step_name]}, resources=resources)
+            needed = [picked for value in cell.overrides.values() for picked in _check_references(path, cell, value,
+                                                                                                     seen)]
+            if cell.stage == "compare":  # compare reads every run of the experiment: it waits for all of them
+                cell.needs = list(range(len(result.cells)))
+            else:
+                cell.needs = sorted({next(i for i, c in enumerate(result.cells) if c is picked) for picked in needed})
             cells.append(cell)
         seen[step_name] = cells
         result.cells.extend(cells)
     return result
 
 
-def _check_references(path: Path, cell: Cell, value: Any, seen: dict[str, list[Cell]]) -> None:
+def _resources(path: Path, step: str, resources: Any) -> dict[str, float]:
+    if resources is None:
+        return {}
+    if not isinstance(resources, dict) or any(k not in RESOURCE_KEYS for k in resources) or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in resources.values()):
+        raise RealignError(f"{path}: step {step!r} has resources {resources!r}",
+                           f"write resources: {{num_cpus: 4, num_gpus: 1}} (keys: {', '.join(RESOURCE_KEYS)}, "
+                           "numbers >= 0)")
+    return {k: float(v) for k, v in resources.items()}
+
+
+def _check_references(path: Path, cell: Cell, value: Any, seen: dict[str, list[Cell]]) -> list[Cell]:
+    """The earlier cells `value` refers to; a reference that picks no cell, or more than one, fails here."""
+    picked = []
     for match in _REFERENCE.finditer(str(value)):
         name = match.group(1)
         if name in cell.grid_values and not match.group(2):
@@ -171,7 +199,8 @@ def _check_references(path: Path, cell: Cell, value: Any, seen: dict[str, list[C
         if name not in seen:
             raise RealignError(f"{path}: step {cell.step!r} refers to ${{{name}}}, which is no earlier step "
                                "and no grid key of its own", "refer to a step listed above it")
-        _pick(path, cell, name, match.group(2), seen[name])
+        picked.append(_pick(path, cell, name, match.group(2), seen[name]))
+    return picked
 
 
 def _pick(path: Path, cell: Cell, name: str, selector: str | None, candidates: list[Cell]) -> Cell:
@@ -221,13 +250,38 @@ def stage_params(stage: str, overrides: dict[str, Any]) -> dict[str, str] | None
     return base.stage_params(stage_table().get(stage), overrides)
 
 
+def reusable_run(stage: str, resolved: dict[str, Any], experiment: str) -> str | None:
+    """A finished run of `stage` with exactly these resolved params (the pipeline's reuse rule), or None."""
+    params = stage_params(stage, resolved)
+    return tracking.find_reusable_run(stage, params, experiment) if params else None
+
+
 def run_or_reuse(stage: str, resolved: dict[str, Any], experiment: str) -> tuple[str, bool]:
     """(run id, reused): a finished run of `stage` with exactly these resolved params, else a new run of it."""
-    params = stage_params(stage, resolved)
-    reusable = tracking.find_reusable_run(stage, params, experiment) if params else None
+    reusable = reusable_run(stage, resolved, experiment)
     if reusable:
         return reusable, True
     return base.run_stage(stage_table().get(stage), resolved), False
+
+
+def run_cell(stage: str, resolved: dict[str, Any], experiment: str) -> tuple[str, bool]:
+    """(run id, reused) of one cell: a search step's study filled, or a stage run made or reused."""
+    if stage == SEARCH:
+        from realign.stages.search import search
+
+        return search(resolved, fill=True)
+    return run_or_reuse(stage, resolved, experiment)
+
+
+def resolve_cell(spec: Experiment, index: int) -> dict[str, Any]:
+    """A cell's overrides with every ${...} replaced by the run ids of the cells it refers to (all finished)."""
+    cell = spec.cells[index]
+    done: dict[str, list[Cell]] = {}
+    for earlier in spec.cells[:index]:
+        done.setdefault(earlier.step, []).append(earlier)
+    resolved = {k: _resolve_value(v, cell, done, spec.path) for k, v in cell.overrides.items()}
+    resolved["experiment"] = spec.experiment
+    return resolved
 
 
 def check_cells(spec: Experiment) -> None:
@@ -255,6 +309,8 @@ def plan_pipeline(overrides: dict[str, Any]) -> str:
     """What `realign pipeline --dry-run` prints: the experiment file, then one line per cell (step, grid point,
     stage), every cell's config checked as the run would check it; no store is opened."""
     overrides = dict(overrides)
+    for key in ("executor", "address"):
+        overrides.pop(key, None)
     spec = load_experiment(str(overrides.pop("name", None) or "default"), overrides)
     check_cells(spec)
     lines = [f"{spec.path} ({len(spec.cells)} cells)"]
@@ -263,42 +319,75 @@ def plan_pipeline(overrides: dict[str, Any]) -> str:
 
 
 def run_pipeline(overrides: dict[str, Any]) -> str:
-    """Run (or reuse) every cell of an experiment file in order; returns the parent run's id."""
+    """Run (or reuse) every cell of an experiment file; returns the parent run's id.
+
+    `executor=local` (default): one cell after another in this process, the first failure stops the pipeline.
+    `executor=ray` (`address` of a cluster, else a local one): realign.executors submits each cell as a Ray task as
+    soon as the cells it refers to have finished.
+    """
     overrides = dict(overrides)
     name = str(overrides.pop("name", None) or "default")
+    executor = str(overrides.pop("executor", None) or "")
+    address = str(overrides.pop("address", None) or "")
     spec = load_experiment(name, overrides)
+    executor = executor or spec.executor
+    if executor not in EXECUTORS:
+        raise RealignError(f"unknown executor {executor!r}", f"use one of: {', '.join(EXECUTORS)}")
+    if executor == "ray":
+        from realign.executors import check_ray
+
+        check_ray(tracking.tracking_uri())
+    elif address:
+        raise RealignError("--address is a Ray cluster's address, and the executor is local",
+                           "add --executor ray, or drop --address")
     tags = {tracking.TAG_STAGE: "pipeline", tracking.TAG_PIPELINE: str(spec.path.name)}
     tracking.open_store()
     spec.experiment = pipeline_experiment(spec)
     with tracking.parent_run(f"pipeline/{spec.name}", spec.experiment, tags) as parent_id:
         check_cells(spec)  # a bad value in any cell fails the parent run before the first stage starts
-        done: dict[str, list[Cell]] = {}
         started = time.monotonic()
-        total = len(spec.cells)
-        for index, cell in enumerate(spec.cells, start=1):
-            resolved = {k: _resolve_value(v, cell, done, spec.path) for k, v in cell.overrides.items()}
-            resolved["experiment"] = spec.experiment
-            _progress(f"[{index}/{total}] {cell.label} ({cell.stage}) ...")
-            if cell.stage == SEARCH:
-                from realign.stages.search import search
+        if executor == "ray":
+            from realign.executors import run_on_ray
 
-                cell.run_id, cell.reused = search(resolved, fill=True)
-            else:
-                cell.run_id, cell.reused = run_or_reuse(cell.stage, resolved, spec.experiment)
-            if cell.reused:
-                _progress(f"[{index}/{total}] {cell.label}: reused run {cell.run_id}")
-            else:
-                _progress(f"[{index}/{total}] {cell.label}: run {cell.run_id} "
-                          f"({time.monotonic() - started:.0f} s so far, {total - index} to go)")
-            done.setdefault(cell.step, []).append(cell)
+            run_on_ray(spec, parent_id, address)
+        else:
+            run_serially(spec)
         tracking.log_parent_table(parent_id, {
             "step": [c.step for c in spec.cells], "stage": [c.stage for c in spec.cells],
             "grid": [",".join(f"{k}={v}" for k, v in c.grid_values.items()) for c in spec.cells],
             "run_id": [c.run_id for c in spec.cells], "reused": [c.reused for c in spec.cells],
+            "status": [c.status for c in spec.cells], "error": [c.error for c in spec.cells],
         }, "pipeline/steps.json")
+        failed = [c for c in spec.cells if c.status == "failed"]
+        if failed:
+            skipped = sum(c.status == "skipped" for c in spec.cells)
+            raise RealignError(f"pipeline {spec.name}: {len(failed)} cells failed ({failed[0].label}: "
+                               f"{failed[0].error}), {skipped} skipped", "fix the failed cells and run the pipeline "
+                               "again: the finished cells are reused")
         reused = sum(c.reused for c in spec.cells)
-        _progress(f"pipeline {spec.name}: {total} steps, {reused} reused, {time.monotonic() - started:.0f} s")
+        _progress(f"pipeline {spec.name}: {len(spec.cells)} steps, {reused} reused, "
+                  f"{time.monotonic() - started:.0f} s")
         return parent_id
+
+
+def run_serially(spec: Experiment) -> None:
+    """Today's pipeline: every cell in file order, in this process; the first failure raises."""
+    started = time.monotonic()
+    total = len(spec.cells)
+    for index, cell in enumerate(spec.cells):
+        resolved = resolve_cell(spec, index)
+        _progress(f"[{index + 1}/{total}] {cell.label} ({cell.stage}) ...")
+        cell.run_id, cell.reused = run_cell(cell.stage, resolved, spec.experiment)
+        cell.status = "reused" if cell.reused else "finished"
+        report_cell(cell, index, total, started)
+
+
+def report_cell(cell: Cell, index: int, total: int, started: float) -> None:
+    if cell.reused:
+        _progress(f"[{index + 1}/{total}] {cell.label}: reused run {cell.run_id}")
+    else:
+        _progress(f"[{index + 1}/{total}] {cell.label}: run {cell.run_id} "
+                  f"({time.monotonic() - started:.0f} s so far)")
 
 
 def _progress(line: str) -> None:

@@ -35,7 +35,8 @@ from realign.tracking.inputs import (
 )
 from realign.tracking.runs import (
     StageRun, ReplicaRun, stage_run, claim_project_run, fail_project_run, create_run, end_run, child_run,
-    this_process, process_is_alive, mark_dead_runs, mark_abandoned, copy_evaluation, parent_run, tagging_new_runs,
+    this_process, process_is_alive, mark_dead_runs, mark_abandoned, copy_evaluation, parent_run, nested_under,
+    tagging_new_runs,
     log_parent_table, metrics_callback,
 )
 
@@ -51,6 +52,6 @@ __all__ = [
     'to_realign_experiment', 'find_reusable_run', 'experiment_of', 'InputRun', 'parse_run_ref', 'resolve_run',
     'download_artifact', 'check_artifact_files', 'StageRun', 'ReplicaRun', 'stage_run', 'claim_project_run',
     'fail_project_run', 'create_run', 'end_run', 'child_run', 'this_process', 'process_is_alive',
-    'mark_dead_runs', 'mark_abandoned', 'copy_evaluation', 'parent_run', 'tagging_new_runs', 'log_parent_table',
+    'mark_dead_runs', 'mark_abandoned', 'copy_evaluation', 'parent_run', 'nested_under', 'tagging_new_runs', 'log_parent_table',
     'metrics_callback',
 ]

@@ -414,6 +414,17 @@ def parent_run(name: str, experiment: str, tags: dict[str, str]) -> Iterator[str
         _NEST_UNDER.remove(run_id)
 
 
+@contextlib.contextmanager
+def nested_under(parent_id: str) -> Iterator[None]:
+    """Stage runs opened inside are nested under `parent_id`, a group run another process holds open (a pipeline
+    cell run by a Ray worker, under the driver's `pipeline/<name>`)."""
+    _NEST_UNDER.append(parent_id)
+    try:
+        yield
+    finally:
+        _NEST_UNDER.remove(parent_id)
+
+
 def log_parent_table(parent_id: str, data: dict[str, list], artifact_file: str) -> None:
     """A table artifact on a run that is not the stage's own (the pipeline's parent)."""
     client().log_table(parent_id, data=data, artifact_file=artifact_file)
