@@ -33,6 +33,24 @@ def module_store(tmp_path_factory, name):
         yield folder, uri
 
 
+def wait_for_health(url, process, seconds, what="mlflow server", log=None):
+    """Until `url`/health answers 200; fails the test if `process` exits first (with `log`'s tail) or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{what} exited: {log.read_text()[-2000:] if log else ''}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{what} did not answer /health within {seconds} s")
+
+
 def stand_in_adapter(folder):
     """A PEFT-shaped folder for hand-logged runs that a check must refuse before any model is built.
 

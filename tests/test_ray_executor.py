@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -18,6 +17,8 @@ import pytest
 import yaml
 
 from realign import tracking
+
+from conftest import wait_for_health
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_STEP = {"data.num_examples": 16, "train.max_steps": 2, "train.per_device_train_batch_size": 4,
@@ -57,18 +58,8 @@ def server(tmp_path_factory):
                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "REALIGN_SERVER_WORKERS": "1"},
                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):  # PostgreSQL's initdb, then MLflow's schema migration: up to a minute or two
-            if process.poll() is not None:
-                pytest.fail(f"scripts/server.sh exited: {(folder / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the PostgreSQL-backed server did not answer /health within 2 minutes")
+    try:  # PostgreSQL's initdb, then MLflow's schema migration: up to a minute or two
+        wait_for_health(url, process, 120, "scripts/server.sh", folder / "server.log")
         yield url
     finally:
         process.send_signal(signal.SIGTERM)

@@ -5,12 +5,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import mlflow
 import pytest
 import yaml
+
+from conftest import wait_for_health
 
 TINY_STEP = {"data.num_examples": 16, "train.max_steps": 2, "train.per_device_train_batch_size": 4,
              "train.max_length": 96, "train.learning_rate": 1e-2, "eval.enabled": False}
@@ -43,15 +43,7 @@ def server(tmp_path_factory):
         cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):  # the server needs a few seconds to migrate its store and start
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not answer /health within 60 s")
+        wait_for_health(url, process, 60)  # the server needs a few seconds to migrate its store and start
         yield url
     finally:
         process.terminate()
