@@ -237,7 +237,6 @@ def _study_trials(storage, study):
 
 
 def test_a_search_killed_mid_trial_loses_only_that_trial_and_resumes(store, tmp_path):
-    import os
     import signal
     import subprocess
     import sys
@@ -247,32 +246,36 @@ def test_a_search_killed_mid_trial_loses_only_that_trial_and_resumes(store, tmp_
     path = _search_file(tmp_path, store, {"repair.scale": {"type": "float", "low": 0.2, "high": 1.0}},
                         study="killed", repair={"eval.num_prompts": 32, "eval.max_new_tokens": 32}, seed=8)
     storage = f"sqlite:///{tmp_path / 'killed.db'}"
-    process = subprocess.Popen([sys.executable, "-m", "realign.cli", "search", "--name", path, "--n-trials", "20",
-                                "--storage", storage], cwd=tmp_path, env=_cli_env(store),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, in_flight = time.monotonic() + 300, None
-    while in_flight is None and process.poll() is None and time.monotonic() < deadline:
-        running = [r for r in _runs("fuse") if r.data.tags.get("realign.study") == "killed"
-                   and r.info.status == "RUNNING"]
-        if running:
-            os.kill(process.pid, signal.SIGSTOP)  # frozen: the run seen RUNNING is in flight if it still is
-            if mlflow.get_run(running[0].info.run_id).info.status == "RUNNING":
-                in_flight, stopped_at = running[0], time.monotonic()
-                break
-            os.kill(process.pid, signal.SIGCONT)
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
+    command = [sys.executable, "-m", "realign.cli", "search", "--name", path, "--n-trials", "20", "--storage", storage]
+    in_flight = None
+    # Killed as soon as a trial is seen RUNNING; a run still RUNNING after its process died was in flight when it
+    # died. Should the trial have ended in the moment between, the search starts again and is killed again.
+    # (Never SIGSTOP a writer instead: frozen inside a transaction, it would hold the store locked.)
+    for _attempt in range(3):
+        process = subprocess.Popen(command, cwd=tmp_path, env=_cli_env(store), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline, running = time.monotonic() + 300, []
+        while not running and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            running = [r for r in _runs("fuse") if r.data.tags.get("realign.study") == "killed"
+                       and r.info.status == "RUNNING"]
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        killed_at = time.monotonic()
+        if running and mlflow.get_run(running[0].info.run_id).info.status == "RUNNING":
+            in_flight = running[0]
+            break
     assert in_flight is not None, "a trial must be in flight when the search is killed"
     killed_trial = int(in_flight.data.tags["realign.trial"])
     finished_before = [t for t in _study_trials(storage, "killed") if t.state.name == "COMPLETE"]
-    time.sleep(max(0.0, stopped_at + 16 - time.monotonic()))  # Optuna's grace period for a silent heartbeat
+    time.sleep(max(0.0, killed_at + 16 - time.monotonic()))  # Optuna's grace period for a silent heartbeat
 
     parent = run_search({"name": path, "n_trials": 2, "storage": storage})
     trials = {t.number: t.state.name for t in _study_trials(storage, "killed")}
     assert trials[killed_trial] == "FAIL", "the trial in flight is failed, not left running"
-    assert sorted(trials) == list(range(len(trials))) and len(trials) == len(finished_before) + 1 + 2
+    assert sorted(trials) == list(range(len(trials))) and set(trials.values()) <= {"COMPLETE", "FAIL"}
     assert sum(state == "COMPLETE" for state in trials.values()) == len(finished_before) + 2
+    assert sum(state == "FAIL" for state in trials.values()) <= _attempt + 1, "only trials in flight at a kill"
     assert mlflow.get_run(in_flight.info.run_id).info.status == "FAILED"
     killed_parent = mlflow.get_run(in_flight.data.tags["mlflow.parentRunId"])
     assert killed_parent.info.status == "FAILED" and killed_parent.info.run_id != parent

@@ -226,11 +226,13 @@ def test_store_calls_retry_transient_errors_then_fail_in_one_line(monkeypatch):
         tracking.store_call(always_locked)
 
 
-def _cli(args, uri, cwd):
+def _cli(args, uri, cwd, wait_s=None):
     import subprocess
     import sys
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
+    if wait_s is not None:
+        env["REALIGN_STORE_WAIT_S"] = wait_s  # how long the command waits for a locked store before it fails
     env.pop("MLFLOW_RUN_ID", None)
     return subprocess.run([sys.executable, "-m", "realign.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -256,7 +258,7 @@ def test_a_sqlite_store_that_stays_locked_is_one_line_and_exit_2(tmp_path):
     holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # another process writing for as long as the command waits
     try:
-        result = _cli(["align", "--model", "tiny"], uri, tmp_path)
+        result = _cli(["align", "--model", "tiny"], uri, tmp_path, wait_s="8")
     finally:
         holder.execute("ROLLBACK")
         holder.close()

@@ -82,6 +82,8 @@ def open_study(spec: SearchSpec, storage_url: str, worker: int = 0):
                                              if storage_url.startswith("sqlite") else {})
         study = optuna.create_study(study_name=spec.study, storage=storage, directions=directions,
                                     sampler=make_sampler(spec.sampler, spec.seed), load_if_exists=True)
+        if storage_url.startswith("sqlite:///"):  # two processes on one study read while the other writes
+            tracking.use_wal(Path(storage_url[len("sqlite:///"):]))
     if [d.name.lower() for d in study.directions] != directions:
         raise RealignError(f"study {spec.study!r} in {storage_url} optimizes {[d.name.lower() for d in study.directions]}, "
                            f"the file asks for {directions}", "rename the study, or keep its objectives")

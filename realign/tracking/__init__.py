@@ -24,7 +24,7 @@ from realign.tracking.tags import (
 )
 from realign.tracking.store import (
     tracking_uri, TRANSIENT_ERRORS, RETRY_BUDGET_S, is_transient, is_store_failure, StoreError, store_call,
-    store_error, client, open_store, note, code_version,
+    store_error, client, open_store, use_wal, note, code_version,
 )
 from realign.tracking.experiments import (
     project_run_id, experiment_name, get_or_create_experiment, search_runs, run_metrics, load_run_table,
@@ -46,7 +46,7 @@ __all__ = [
     'TAG_TASK', 'TAG_COMPLETE', 'TAG_ADAPTER_BASE', 'TAG_ADAPTER_INIT', 'TAG_OUTPUT', 'TAG_SWEEP',
     'TAG_CODE_VERSION', 'TAG_PIPELINE', 'TAG_PROCESS', 'TAG_RESUMED_FROM', 'MULTI_PROCESS_STAGES',
     'DEFAULT_TRACKING_URI', 'DEFAULT_EXPERIMENT', 'tracking_uri', 'TRANSIENT_ERRORS', 'RETRY_BUDGET_S',
-    'is_transient', 'is_store_failure', 'StoreError', 'store_call', 'store_error', 'client', 'open_store',
+    'is_transient', 'is_store_failure', 'StoreError', 'store_call', 'store_error', 'client', 'open_store', 'use_wal',
     'note', 'code_version', 'project_run_id', 'experiment_name', 'get_or_create_experiment', 'search_runs',
     'run_metrics', 'load_run_table', 'harmful_verdicts', 'adapter_root', 'latest_run', 'elsewhere_hint',
     'to_realign_experiment', 'find_reusable_run', 'experiment_of', 'InputRun', 'parse_run_ref', 'resolve_run',

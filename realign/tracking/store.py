@@ -36,7 +36,17 @@ TRANSIENT_ERRORS = ("database is locked", "database table is locked", "unique co
                     "502", "503", "504", "bad gateway", "service unavailable", "gateway time")
 
 
-RETRY_BUDGET_S = 8.0  # retries stop once this much time has passed (SQLite itself waits 5 s per locked attempt)
+# Retries stop once this much time has passed (REALIGN_STORE_WAIT_S overrides both). A server answers or not
+# within seconds; a SQLite file shared by several busy processes (MLflow waits up to 20 s per locked attempt)
+# gets a minute before the user is told.
+RETRY_BUDGET_S = 8.0
+SQLITE_RETRY_BUDGET_S = 60.0
+
+
+def retry_budget_s() -> float:
+    if os.environ.get("REALIGN_STORE_WAIT_S"):
+        return float(os.environ["REALIGN_STORE_WAIT_S"])
+    return SQLITE_RETRY_BUDGET_S if tracking_uri().startswith("sqlite:") else RETRY_BUDGET_S
 
 
 def is_transient(err: BaseException) -> bool:
@@ -61,9 +71,9 @@ class StoreError(RealignError):
 def store_call(fn, *args, **kwargs):
     """`fn(*args, **kwargs)` against the tracking store, retried with jittered backoff while the error is transient.
 
-    What still fails after RETRY_BUDGET_S becomes a StoreError (one line, exit status 2 from the CLI).
+    What still fails after the retry budget becomes a StoreError (one line, exit status 2 from the CLI).
     """
-    deadline = time.monotonic() + RETRY_BUDGET_S
+    deadline = time.monotonic() + retry_budget_s()
     delay = 0.1
     while True:
         try:
@@ -112,7 +122,8 @@ def open_store() -> None:
     """Point MLflow at the configured store and prove it answers, before any work starts.
 
     A fresh SQLite file is created and migrated by one process at a time (a lock file beside it): several
-    processes that open a new store at once would otherwise all run its schema migration and fail.
+    processes that open a new store at once would otherwise all run its schema migration and fail. The file is
+    put in write-ahead-log mode (`use_wal`), so that processes reading it never block the one writing.
     """
     mlflow = _mlflow()
     uri = tracking_uri()
@@ -145,7 +156,28 @@ def open_store() -> None:
             raise StoreError(f"cannot open tracking store {uri}: {_one_line(err)[:200]}",
                              "set MLFLOW_TRACKING_URI to a writable sqlite:/// path or a running mlflow server") \
                 from None
+        if uri.startswith("sqlite:///"):
+            use_wal(Path(uri[len("sqlite:///"):]))
     _OPENED.add(uri)
+
+
+def use_wal(db_path: Path) -> None:
+    """Switch a SQLite file to write-ahead logging (persistent, a no-op when it already is).
+
+    In SQLite's default rollback-journal mode every reader blocks the writer: side-by-side runs, a search's
+    trials and anyone polling the store take turns and, on a loaded machine, time out with "database is locked".
+    In WAL mode readers and the one writer proceed together. WAL needs a local disk (not NFS); a team sharing a
+    store across machines uses a tracking server (scripts/server.sh) instead. Another process holding the file
+    may keep the switch from happening now; the next process to open the store makes it.
+    """
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(db_path, timeout=5)) as connection:
+            if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                connection.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.OperationalError:
+        pass
 
 
 def _one_line(err: BaseException) -> str:
