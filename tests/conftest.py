@@ -33,6 +33,27 @@ def module_store(tmp_path_factory, name):
         yield folder, uri
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """A headless Chromium (tests/browser.py); tests that take it skip where Chromium is not installed."""
+    from browser import CHROMIUM, Chromium
+
+    if CHROMIUM is None:
+        pytest.skip("chromium not installed: apt install chromium")
+    chromium = Chromium(tmp_path / "chromium-profile")
+    yield chromium
+    chromium.close()
+
+
 def wait_for_health(url, process, seconds, what="mlflow server", log=None):
     """Until `url`/health answers 200; fails the test if `process` exits first (with `log`'s tail) or time runs out."""
     import time

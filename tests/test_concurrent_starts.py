@@ -13,7 +13,6 @@ import io
 import json
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ import urllib.request
 import mlflow
 import pytest
 import yaml
+
+from conftest import free_port
 
 ROUNDS = 10
 TINY = ["--model", "tiny"]
@@ -117,15 +118,9 @@ def test_six_commands_at_once_on_fresh_sqlite_stores(tmp_path):
         _check_round(experiment, outcomes[experiment], tmp_path)
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def fresh_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",

@@ -18,18 +18,12 @@ import yaml
 
 from realign import tracking
 
-from conftest import wait_for_health
+from conftest import free_port, wait_for_health
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_STEP = {"data.num_examples": 16, "train.max_steps": 2, "train.per_device_train_batch_size": 4,
              "train.max_length": 96, "train.learning_rate": 1e-2, "eval.enabled": False}
 SCORE = {"nsamples": 4, "data.max_length": 64, "eval.enabled": False}
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _postgres_missing() -> str:
@@ -51,10 +45,10 @@ def server(tmp_path_factory):
     if missing:
         pytest.skip(f"the Ray executor tests need PostgreSQL and Ray: {missing}")
     folder = tmp_path_factory.mktemp("pg-server")
-    port = _free_port()
+    port = free_port()
     log = open(folder / "server.log", "w")
     process = subprocess.Popen(["bash", str(REPO / "scripts" / "server.sh"), "--dir", str(folder / "server"),
-                                "--port", str(port), "--pg-port", str(_free_port())],
+                                "--port", str(port), "--pg-port", str(free_port())],
                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "REALIGN_SERVER_WORKERS": "1"},
                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
