@@ -33,7 +33,6 @@ class Evaluation:
     # What makes two harmful scores comparable (realign.judge*, realign.prompts*, realign.decoding tags).
     identity: dict[str, str] = field(default_factory=dict)
     prompt_file: str = ""  # the file the harmful prompts came from, logged as a run input dataset
-    harmful_prompts: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,7 @@ def evaluate_model(model, tokenizer, settings: EvalSettings, task: str = "") -> 
         tracking.TAG_DECODING: decoding_label(settings),
     }
     return Evaluation(judge=judge.name, metrics=metrics, table=table, identity=identity,
-                      prompt_file=prompt_set.path, harmful_prompts=list(prompt_set.prompts))
+                      prompt_file=prompt_set.path)
 
 
 def _safety_part(model, tokenizer, settings: EvalSettings, judge, harmful_prompts: list[str]):
@@ -174,8 +173,18 @@ def log_evaluation(run: tracking.StageRun, result: Evaluation, task: str = "") -
     run.set_tags({**result.identity, **({tracking.TAG_TASK: task} if task else {})})
     run.log_metrics(result.metrics)
     run.log_table(result.table, "eval/generations.json")
-    if result.prompt_file:
-        run.log_prompt_set(result.harmful_prompts, result.prompt_file, result.identity[tracking.TAG_PROMPTS])
+    # Every prompt set the evaluation read, as a run input: the harmful prompts (from their file, or the built-in
+    # held-out pool), the benign instructions, the task's test examples.
+    kinds = result.table["kind"]
+    for kind in dict.fromkeys(kinds):
+        prompts = [prompt for k, prompt in zip(kinds, result.table["prompt"]) if k == kind]
+        if kind == "harmful":
+            run.log_prompt_set(prompts, result.identity[tracking.TAG_PROMPTS], path=result.prompt_file,
+                               origin="realign.data.harmful_eval_prompts")
+        elif kind == "benign":
+            run.log_prompt_set(prompts, "builtin:benign-test", origin="realign.data.benign_instructions")
+        else:
+            run.log_prompt_set(prompts, f"{kind}-test", origin="realign.data.load_task")
 
 
 def evaluate_and_log(run: tracking.StageRun, model_cfg, adapters: list[str], settings: EvalSettings,

@@ -39,11 +39,13 @@ def experiment_name(requested: str = "") -> str:
 
 def get_or_create_experiment(name: str) -> str:
     """The id of experiment `name`, created if missing; the loser of a create race uses the winner's."""
+    from realign.tracking import ui
+
     mlflow_client = client()
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return mlflow_client._client.create_experiment(name)
+            return mlflow_client._client.create_experiment(name, tags=ui.experiment_tags(name))
         except Exception as err:
             experiment = mlflow_client.get_experiment_by_name(name)  # another process created it first
             if experiment is None:
@@ -53,7 +55,18 @@ def get_or_create_experiment(name: str) -> str:
     if experiment.lifecycle_stage == "deleted":
         raise RealignError(f"experiment {name!r} was deleted", f"restore it (mlflow experiments restore "
                            f"--experiment-id {experiment.experiment_id}) or pass another --experiment")
+    describe_experiment(experiment)
     return experiment.experiment_id
+
+
+def describe_experiment(experiment) -> None:
+    """Give an experiment made elsewhere (by `mlflow run`, by hand, by an older realign) the description and saved
+    view a new one starts with; what it has already is kept."""
+    from realign.tracking import ui
+
+    for key, value in ui.experiment_tags(experiment.name).items():
+        if key not in experiment.tags:
+            client().set_experiment_tag(experiment.experiment_id, key, value)
 
 
 def search_runs(experiment: str = "", filter_string: str = ""):

@@ -16,7 +16,8 @@ import yaml
 from realign import distributed
 from realign.config import flatten, param_string, to_dict
 from realign.errors import RealignError
-from realign.tracking.experiments import experiment_name, experiment_of, get_or_create_experiment, project_run_id
+from realign.tracking.experiments import (describe_experiment, experiment_name, experiment_of, get_or_create_experiment,
+                                         project_run_id)
 from realign.tracking.inputs import InputRun, download_artifact, resolve_run
 from realign.tracking.store import StoreError, _mlflow, _one_line, client, code_version, is_store_failure, open_store
 from realign.tracking.tags import MULTI_PROCESS_STAGES, TAG_CODE_VERSION, TAG_COMPLETE, TAG_ERROR, TAG_OUTPUT, TAG_PROCESS, TAG_SOURCE, TAG_STAGE
@@ -89,16 +90,19 @@ class StageRun:
         client().log_inputs(self.run_id, datasets=[
             DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
-    def log_prompt_set(self, prompts: list[str], path: str, name: str) -> None:
-        """The harmful prompts an evaluation read from a file, as a run input (context `evaluation`)."""
+    def log_prompt_set(self, prompts: list[str], name: str, path: str = "", origin: str = "",
+                       context: str = "evaluation") -> None:
+        """Prompts a stage read, as a run input (the runs table's Datasets column): from the file at `path`, or
+        made by realign's code (`origin` names the function)."""
         import pandas as pd
+        from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        ds = _mlflow().data.from_pandas(pd.DataFrame({"prompt": prompts}), source=str(Path(path).resolve()),
-                                        name=name[:500])
+        source = str(Path(path).resolve()) if path else CodeDatasetSource(tags={"realign.origin": origin or name})
+        ds = _mlflow().data.from_pandas(pd.DataFrame({"prompt": prompts}), source=source, name=name[:500])
         client().log_inputs(self.run_id, datasets=[
-            DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "evaluation")])])
+            DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
     # -- artifacts ---------------------------------------------------------------------------------------------
     def log_dir(self, local_dir: str | Path, artifact_path: str) -> None:
@@ -175,7 +179,8 @@ class ReplicaRun(StageRun):
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_dataset(self, dataset: Any, name: str, context: str, hub_path: str | None = None) -> None: ...
-    def log_prompt_set(self, prompts: list[str], path: str, name: str) -> None: ...
+    def log_prompt_set(self, prompts: list[str], name: str, path: str = "", origin: str = "",
+                       context: str = "evaluation") -> None: ...
     def log_dir(self, local_dir: str | Path, artifact_path: str) -> None: ...
     def log_adapter(self, adapter_dir: str | Path) -> None: ...
     def log_table(self, data: Any, artifact_file: str) -> None: ...
@@ -249,6 +254,7 @@ def claim_project_run(project: str, experiment: str) -> str:
     if run.info.status != "RUNNING":
         raise RealignError(f"the run mlflow run opened ({project}) is {run.info.status}, not RUNNING",
                            "start the stage again with mlflow run, or without MLFLOW_RUN_ID")
+    describe_experiment(client().get_experiment(run.info.experiment_id))
     try:
         experiment_name(experiment)
     except RealignError as err:
@@ -293,6 +299,9 @@ def end_run(run_id: str, err: BaseException | None = None) -> None:
     Ending a run after a failure never raises in turn: the store may be the thing that failed.
     """
     if err is None:
+        from realign.tracking import ui
+
+        client().set_tag(run_id, ui.NOTE_TAG, ui.run_summary(client().get_run(run_id)))
         client().set_terminated(run_id, "FINISHED")
         return
     # After a store failure one plain try each: retrying a store that just failed would only delay the error.
