@@ -6,6 +6,7 @@ or `train.learning_rate=1e-4` (that is also how `mlflow run -P key=value` reache
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -43,19 +44,49 @@ def _overrides(named: dict[str, object], extra: list[str]) -> dict[str, object]:
     return overrides
 
 
-def _run_with_overrides(fn, named: dict[str, object], extra: list[str]) -> None:
-    """Run a stage; a RealignError, or a store failure, becomes one line on stderr and exit status 2."""
+def _checked(fn):
+    """`fn()`; a RealignError, or a store failure, becomes one line on stderr and exit status 2."""
     from realign import tracking
 
     try:
-        run_id = fn(_overrides(named, extra))
+        return fn()
     except RealignError as err:
         _fail(err)
     except Exception as err:
         if not tracking.is_store_failure(err) or os.environ.get("REALIGN_TRACEBACK"):
             raise
         _fail(tracking.store_error(err))
+
+
+def _run_with_overrides(fn, named: dict[str, object], extra: list[str]) -> str:
+    """Run a stage (one line and exit status 2 if it fails); print where its run is, and its id last."""
+    from realign import tracking
+    from realign.tracking import ui
+
+    run_id = _checked(lambda: fn(_overrides(named, extra)))
+    with contextlib.suppress(Exception):  # the run is done; a UI hint that cannot be made is no failure
+        tracking.note(ui.runs_line(run_id))
     click.echo(f"run {run_id}")
+    return run_id
+
+
+REGISTER_HELP = ("also register the run's model in the MLflow Model Registry as a new version of this name "
+                 "(as `realign register` does)")
+
+
+def _check_model_name(name: str) -> None:
+    from realign import tracking
+
+    tracking.check_model_name(name)
+
+
+def _register(run_id: str, name: str) -> None:
+    from realign import tracking
+    from realign.stages.register import register_run
+
+    registered, version = _checked(lambda: register_run(run_id, name))
+    tracking.note(f"registered models:/{registered}/{version} (load it with mlflow.pyfunc.load_model, serve it with "
+                  f"mlflow models serve -m models:/{registered}/{version} --env-manager local)")
 
 
 def _dry_run(resolve, named: dict[str, object], extra: list[str]) -> None:
@@ -123,8 +154,12 @@ def stage_command(stage) -> click.Command:
         keys[short] = key
 
     params.append(click.Option(["--dry-run"], is_flag=True, help=DRY_RUN_HELP))
+    from realign.tracking.models import REGISTERED_STAGES
 
-    def callback(dry_run: bool, **named):
+    if stage.name in REGISTERED_STAGES:
+        params.append(click.Option(["--register"], help=REGISTER_HELP))
+
+    def callback(dry_run: bool, register: str | None = None, **named):
         from realign.stages.base import run_stage
 
         context = click.get_current_context()
@@ -132,7 +167,11 @@ def stage_command(stage) -> click.Command:
         if dry_run:
             _dry_run(lambda overrides: _config_yaml(stage.resolve_config(overrides)), given, context.args)
             return
-        _run_with_overrides(lambda overrides: run_stage(stage, overrides), given, context.args)
+        if register:  # a bad name is one line before the stage runs, not after ("" = do not register)
+            _checked(lambda: _check_model_name(register))
+        run_id = _run_with_overrides(lambda overrides: run_stage(stage, overrides), given, context.args)
+        if register:
+            _register(run_id, register)
 
     return click.Command(stage.name, params=params, callback=callback, help=stage.summary,
                          context_settings=EXTRA_ARGS)
@@ -200,6 +239,27 @@ def search(ctx: click.Context, dry_run: bool, **named) -> None:
         _dry_run(plan_search, named, ctx.args)
         return
     _run_with_overrides(run_search, named, ctx.args)
+
+
+@main.command()
+@click.option("--run", "run_ref", required=True, help="the align, expo or fuse run (id, runs:/ URI)")
+@click.option("--name", required=True, help="registered model name; a new version is added if it exists")
+@click.option("--dry-run", is_flag=True, help="check the name and the run reference and say what would be "
+                                             "registered; open no store")
+def register(run_ref: str, name: str, dry_run: bool) -> None:
+    """Register a run's model in the MLflow Model Registry (transformers flavor, with the tokenizer)."""
+    if dry_run:
+        from realign import tracking
+
+        def plan() -> str:
+            tracking.check_model_name(name)
+            if not run_ref.strip().startswith("models:/"):  # a registered version needs the store to resolve
+                tracking.parse_run_ref(run_ref, "registered")
+            return f"would register the model of run {run_ref} as a new version of {name}"
+
+        _dry_run(lambda _: plan(), {}, [])
+        return
+    _register(run_ref, name)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -45,6 +46,8 @@ NOT_RUN = {
     "bash scripts/server.sh": "a server in the foreground: tests/test_ray_executor.py starts it as written, on free "
                               "ports",
     "ray start": "a node of a multi-node Ray cluster; the tests use a cluster of one machine",
+    ".venv/bin/mlflow models serve": "serves a registered model in the foreground: tests/test_registry.py starts it as written, "
+                           "on a free port",
 }
 
 
@@ -123,16 +126,10 @@ def _mlflow_run(args: list[str], cwd: Path, env: dict[str, str]) -> None:
     _realign_dry_run(realign_words[1:], cwd, env)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _mlflow_server(args: list[str], cwd: Path, env: dict[str, str]) -> None:
     args = [arg.replace("/srv/", f"{cwd}/srv/") for arg in args]
     (cwd / "srv").mkdir(exist_ok=True)
-    port = _free_port()
+    port = free_port()
     assert "--port" not in args or args[args.index("--port") + 1] == "5000", args
     if "--port" in args:
         args[args.index("--port") + 1] = str(port)

@@ -31,8 +31,9 @@ from realign.tracking.experiments import (
     harmful_verdicts, adapter_root, latest_run, elsewhere_hint, to_realign_experiment, find_reusable_run, experiment_of,
 )
 from realign.tracking.inputs import (
-    InputRun, parse_run_ref, resolve_run, download_artifact, check_artifact_files,
+    InputRun, parse_run_ref, registered_run_id, resolve_run, download_artifact, check_artifact_files,
 )
+from realign.tracking.models import MODEL_ARTIFACT, REGISTERED_STAGES, check_model_name, log_and_register
 from realign.tracking.runs import (
     StageRun, ReplicaRun, stage_run, claim_project_run, fail_project_run, create_run, end_run, child_run,
     this_process, process_is_alive, mark_dead_runs, mark_abandoned, copy_evaluation, parent_run, nested_under,
@@ -49,7 +50,8 @@ __all__ = [
     'is_transient', 'is_store_failure', 'StoreError', 'store_call', 'store_error', 'client', 'open_store', 'use_wal',
     'note', 'code_version', 'project_run_id', 'experiment_name', 'get_or_create_experiment', 'search_runs',
     'run_metrics', 'load_run_table', 'harmful_verdicts', 'adapter_root', 'latest_run', 'elsewhere_hint',
-    'to_realign_experiment', 'find_reusable_run', 'experiment_of', 'InputRun', 'parse_run_ref', 'resolve_run',
+    'to_realign_experiment', 'find_reusable_run', 'experiment_of', 'InputRun', 'parse_run_ref', 'registered_run_id', 'MODEL_ARTIFACT', 'REGISTERED_STAGES', 'check_model_name', 'log_and_register',
+    'resolve_run',
     'download_artifact', 'check_artifact_files', 'StageRun', 'ReplicaRun', 'stage_run', 'claim_project_run',
     'fail_project_run', 'create_run', 'end_run', 'child_run', 'this_process', 'process_is_alive',
     'mark_dead_runs', 'mark_abandoned', 'copy_evaluation', 'parent_run', 'nested_under', 'tagging_new_runs', 'log_parent_table',

@@ -34,13 +34,35 @@ class InputRun:
 
 
 def parse_run_ref(ref: str, role: str) -> str:
-    """A bare run id or a `runs:/<id>[/path]` URI -> the run id."""
+    """A bare run id, a `runs:/<id>[/path]` URI, or a registered `models:/<name>/<version>` -> the run id."""
     text = ref.strip()
+    if text.startswith("models:/"):
+        return registered_run_id(text, role)
     if text.startswith("runs:/"):
         text = text[len("runs:/"):].split("/", 1)[0]
     if not _RUN_ID.match(text):
-        raise RealignError(f"{role} run {ref!r} is not a run id", "pass a 32-hex run id or runs:/<run_id>")
+        raise RealignError(f"{role} run {ref!r} is not a run id",
+                           "pass a 32-hex run id, runs:/<run_id> or models:/<registered name>/<version>")
     return text
+
+
+def registered_run_id(uri: str, role: str) -> str:
+    """The run a registered model version came from (`realign register` logs it in that run)."""
+    name, _, version = uri[len("models:/"):].rstrip("/").rpartition("/")
+    if not name or not version.isdigit():
+        raise RealignError(f"{role} {uri!r} is not a registered model version",
+                           "write models:/<name>/<version>, e.g. models:/smollm2-restored/1")
+    try:
+        model_version = client().get_model_version(name, version)
+    except RealignError:
+        raise
+    except Exception:
+        raise RealignError(f"{role} {uri}: no version {version} of registered model {name!r} in {tracking_uri()}",
+                           "list them with `mlflow ui` (Models) or register one: realign register --run ID --name NAME"
+                           ) from None
+    if not model_version.run_id:
+        raise RealignError(f"{role} {uri} was not registered from a run", "pass the run id it was made in")
+    return model_version.run_id
 
 
 def resolve_run(ref: str, role: str, stages: tuple[str, ...], base_model: str,
