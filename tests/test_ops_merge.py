@@ -124,6 +124,20 @@ def test_trimming_keeps_exactly_k_entries_taking_equal_magnitudes_in_order():
     assert merge.trim_count(10, 0.29) == 2 and merge.trim_count(3, 0.01) == 1
 
 
+def test_the_trim_found_from_chunks_is_the_whole_tensors_trim():
+    """Radix selection over chunks (what streamed fusion uses) against the in-memory partition, on random vectors,
+    vectors with many equal magnitudes, zeros, and every density from one entry to all."""
+    generator = torch.Generator().manual_seed(0)
+    cases = [torch.randn(1000, generator=generator),
+             torch.randint(-3, 4, (997,), generator=generator).float(),  # seven magnitudes, heavy ties
+             torch.zeros(64), torch.randn(5, generator=generator) * 1e-30, torch.tensor([2.5])]
+    for tau in cases:
+        for density in (0.0001, 0.1, 0.2, 0.5, 0.99, 1.0):
+            whole = merge.MagnitudeTrim.of(tau.clone(), density)
+            chunked = merge.MagnitudeTrim.of_chunks(lambda: tau.split(97), tau.numel(), density)
+            assert (chunked.threshold, chunked.tied_quota) == (whole.threshold, whole.tied_quota), (tau[:5], density)
+
+
 @pytest.mark.parametrize("tall_lambda, k", [(0.4, 2), (0.4, 1), (1.0, 2), (0.2, 2)])
 def test_consensus_ta_keeps_entries_that_k_tall_masks_select(tall_lambda, k):
     tau_ft, tau_ref = _taus()

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -175,6 +175,34 @@ class MagnitudeTrim:
         above = int((values > threshold).sum())
         return cls(threshold=threshold, tied_quota=k - above)
 
+    @classmethod
+    def of_chunks(cls, chunks: Callable[[], Iterable[torch.Tensor]], numel: int, density: float) -> "MagnitudeTrim":
+        """The same rule (the same threshold and quota as `of`) from a task vector seen only in chunks: `chunks()`
+        yields its float32 chunks, and is called twice. Memory: one chunk and two 65,536-bin histograms.
+
+        Exact selection by radix on the bit patterns of |τ| (a non-negative float32's bits, read as an integer, sort
+        as the float does): the first pass counts the top 16 bits and finds the bin holding the k-th largest value,
+        the second counts the low 16 bits inside that bin.
+        """
+        k = trim_count(numel, density) if numel else 0
+        if k == numel:
+            return cls(threshold=-math.inf, tied_quota=0)
+
+        def magnitude_bits(chunk: torch.Tensor) -> torch.Tensor:
+            return chunk.reshape(-1).to(torch.float32).abs().view(torch.int32)
+
+        high_counts = torch.zeros(1 << 16, dtype=torch.int64)
+        for chunk in chunks():
+            high_counts += torch.bincount(magnitude_bits(chunk) >> 16, minlength=1 << 16)
+        high, above_high = _bin_of_kth_largest(high_counts, k)
+        low_counts = torch.zeros(1 << 16, dtype=torch.int64)
+        for chunk in chunks():
+            bits = magnitude_bits(chunk)
+            low_counts += torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=1 << 16)
+        low, above_low = _bin_of_kth_largest(low_counts, k - above_high)
+        threshold = float(torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32))
+        return cls(threshold=threshold, tied_quota=k - above_high - above_low)
+
     def keep(self, task_vector: torch.Tensor) -> torch.Tensor:
         """The kept entries of the next chunk (row-major order) of the task vector."""
         magnitude = task_vector.abs()
@@ -187,6 +215,13 @@ class MagnitudeTrim:
                 kept = kept | (tied & (rank <= self.tied_quota)).reshape(kept.shape)
             self.tied_seen += tied_here
         return kept
+
+
+def _bin_of_kth_largest(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """(the bin holding the k-th largest entry, how many entries lie in higher bins), for 1 <= k <= counts.sum()."""
+    from_top = torch.cumsum(counts.flip(0), dim=0)  # entries in this bin or above, from the highest bin down
+    index = int(torch.searchsorted(from_top, torch.tensor(k), right=False))
+    return counts.numel() - 1 - index, int(from_top[index] - counts.flip(0)[index])
 
 
 def tall_masks(task_vectors: Sequence[torch.Tensor], tall_lambda: float, merged: torch.Tensor | None = None,

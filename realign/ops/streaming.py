@@ -213,8 +213,8 @@ def stream_fusion(plan: FusionPlan, inputs: StreamInputs, out_dir: str | Path, c
     """Fuse full weights tensor by tensor into safetensors files under `out_dir`; returns per tensor
     (entries changed against the fine-tuned weights, entries).
 
-    Peak memory: one row chunk of each input and its temporaries, plus, for TIES, one float32 copy of the tensor
-    being trimmed (its threshold is over the whole tensor) — never a whole model.
+    Peak memory: one row chunk of each input and its temporaries — never a whole tensor or model (TIES's threshold
+    over the whole tensor is found by exact radix selection over its chunks, `MagnitudeTrim.of_chunks`).
     """
     if plan.method.kind in ("task_arithmetic", "resta") and inputs.base is None:
         raise ValueError(f"{plan.method.name} needs the {'unaligned' if plan.method.kind == 'resta' else 'base'} "
@@ -281,12 +281,12 @@ def _stream_tensor(plan: FusionPlan, inputs: StreamInputs, name: str, shape: tup
 
 def _stream_trim(base: WeightFiles, model: WeightFiles, name: str, shape: tuple[int, ...], density: float,
                  chunk_elements: int) -> MagnitudeTrim:
-    """TIES's trimming rule for τ = θ − θ0 over the whole tensor, filled chunk by chunk into one float32 copy."""
-    task_vector = torch.empty(shape, dtype=torch.float32)
-    for rows in row_chunks(shape, chunk_elements):
-        target = task_vector if rows is None else task_vector[rows]
-        torch.sub(model.read(name, rows).to(torch.float32), base.read(name, rows).to(torch.float32), out=target)
-    return MagnitudeTrim.of(task_vector, density)
+    """TIES's trimming rule for τ = θ − θ0 over the whole tensor, from its chunks (two passes, no whole copy)."""
+    def task_vector_chunks():
+        for rows in row_chunks(shape, chunk_elements):
+            yield model.read(name, rows).to(torch.float32) - base.read(name, rows).to(torch.float32)
+
+    return MagnitudeTrim.of_chunks(task_vector_chunks, math.prod(shape), density)
 
 
 def _progress(items: Iterable, enabled: bool, desc: str) -> Iterable:
