@@ -88,7 +88,7 @@ def main() -> None:
             seconds = {}
             for executor in ("local", "ray"):
                 path = folder / f"{executor}.yaml"
-                path.write_text(yaml.safe_dump(grid(args.model, args.cells, f"bench-{executor}-{tag}")))
+                path.write_text(yaml.safe_dump(grid(args.model, args.cells, f"bench-{executor}-{tag}"), sort_keys=False))
                 seconds[executor] = timed_pipeline(path, executor, url, folder)
             print(f"cells: {args.cells + 2} ({args.cells} independent), model {args.model}, cores {os.cpu_count()}")
             print(f"serial_seconds: {seconds['local']:.1f}")
