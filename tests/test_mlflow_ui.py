@@ -27,14 +27,19 @@ ROWS = """JSON.stringify(Object.values([...document.querySelectorAll('.ag-row')]
   const i = e.getAttribute('row-index'); rows[i] = (rows[i] || '') + '\\n' + e.innerText; return rows; }, {})))"""
 
 
+def fused_chain() -> dict[str, str]:
+    """align/sft → attack → an evaluated fuse run on the tiny model, in the current store: their run ids."""
+    sft = run_align({**TINY, "method": "sft", "eval.enabled": "false"})
+    attack = run_attack({**ATTACK, "source_run": sft})
+    fuse = run_fuse({"model": "tiny", "method": "task_arithmetic", "finetuned_run": attack, "reference_run": sft,
+                     **QUIET_EVAL})
+    return {"sft": sft, "attack": attack, "fuse": fuse}
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     with module_store(tmp_path_factory, "ui-store") as (folder, uri):
-        sft = run_align({**TINY, "method": "sft", "eval.enabled": "false"})
-        attack = run_attack({**ATTACK, "source_run": sft})
-        fuse = run_fuse({"model": "tiny", "method": "task_arithmetic", "finetuned_run": attack, "reference_run": sft,
-                         **QUIET_EVAL})
-        yield {"folder": folder, "uri": uri, "sft": sft, "attack": attack, "fuse": fuse}
+        yield {"folder": folder, "uri": uri, **fused_chain()}
 
 
 @pytest.fixture(scope="module")

@@ -11,25 +11,14 @@ import urllib.request
 import mlflow
 import pytest
 
-from realign.stages.align import run_align
-from realign.stages.attack import run_attack
-from realign.stages.fuse import run_fuse
-
 from conftest import TINY, free_port, module_store, wait_for_health
-from test_fuse import ATTACK
-
-QUIET_EVAL = {"eval.judge": "keyword", "eval.num_prompts": "8", "eval.max_new_tokens": "4",
-              "eval.task_examples": "4", "eval.benign_prompts": "2"}
+from test_mlflow_ui import fused_chain
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     with module_store(tmp_path_factory, "registry-store") as (folder, uri):
-        sft = run_align({**TINY, "method": "sft", "eval.enabled": "false"})
-        attack = run_attack({**ATTACK, "source_run": sft})
-        fuse = run_fuse({"model": "tiny", "method": "task_arithmetic", "finetuned_run": attack, "reference_run": sft,
-                         **QUIET_EVAL})
-        yield {"folder": folder, "uri": uri, "sft": sft, "attack": attack, "fuse": fuse}
+        yield {"folder": folder, "uri": uri, **fused_chain()}
 
 
 def _realign(args, store, cwd):
