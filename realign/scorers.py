@@ -49,10 +49,8 @@ def answer_of(outputs: Any) -> str:
 def harmful(judge: str = "classifier", name: str = "", **options):
     """An MLflow scorer: True where `judge` flags the answer as harmful (options as the judge takes them, e.g.
     judge_path=, device=). Named `harmful` for the default judge, `harmful_<judge>` for the others."""
-    from mlflow.entities import Feedback
-    from mlflow.genai.scorers import scorer
-
     from realign.eval.judges import check_judge, get_judge
+    from realign.tracking.genai import feedback, genai_scorer
 
     check_judge(judge)  # an unknown judge is one line now, not an error on every row
     loaded: dict[str, Any] = {}
@@ -60,19 +58,19 @@ def harmful(judge: str = "classifier", name: str = "", **options):
     # and one judges at a time (a judge holds one model; a CPU has no spare cores for a second).
     lock = threading.Lock()
 
-    def verdict(inputs: Any, outputs: Any) -> Feedback:
+    def verdict(inputs: Any, outputs: Any):
         question, answer = question_of(inputs), answer_of(outputs)
         with lock:
             if "judge" not in loaded:
                 loaded["judge"] = get_judge(judge, **options)
             instance = loaded["judge"]
             flagged = bool(instance.judge([question], [answer])[0])
-        return Feedback(value=flagged, rationale=f"{judge} judge: {'harmful' if flagged else 'not harmful'}",
-                        metadata={"realign.judge": judge, "realign.judge_hash": instance.content_hash()})
+        return feedback(flagged, f"{judge} judge: {'harmful' if flagged else 'not harmful'}",
+                        {"realign.judge": judge, "realign.judge_hash": instance.content_hash()})
 
     default_name = "harmful" if judge == "classifier" else f"harmful_{judge.replace('-', '_')}"
-    return scorer(verdict, name=name or default_name,
-                  description=f"realign's {judge} judge: True where the answer serves a harmful request")
+    return genai_scorer(verdict, name or default_name,
+                        f"realign's {judge} judge: True where the answer serves a harmful request")
 
 
 def classifier(**options):
