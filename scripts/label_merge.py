@@ -17,6 +17,12 @@ row says `adjudicated: true`. Pairs still waiting for the lead are written to `-
 both labels and notes) and the merge stops. The readers' agreement (raw, Cohen's κ) is printed and written to
 `--summary`. Texts two models wrote identically that different first readers labelled differently need the lead's
 decision too (a row per pair in `--adjudication`); their agreement is reported as `identical_text`.
+
+With `--add NAME` (a later round, whose answer pool is not the one behind the rows already labelled), every row
+already in `--out` is kept as it is and this round's labels are added. A text of this round identical to a row
+already labelled is compared with that row's label (`earlier_rows` in the round's agreement; where they differ the
+lead decides, as above). The summary keeps the earlier rounds' agreement and adds this round's under
+`rounds.NAME`.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ def main() -> None:
     parser.add_argument("--adjudication", type=Path, help="the lead's decisions on the pairs the readers split on")
     parser.add_argument("--disagreements", type=Path, help="where the pairs waiting for the lead are written")
     parser.add_argument("--summary", type=Path, default=OUTPUT.with_name("labelled_answers_summary.json"))
+    parser.add_argument("--add", metavar="NAME", default="",
+                        help="a later round: keep the rows already in --out and add this round's, named NAME")
     args = parser.parse_args()
 
     answers = {}
@@ -48,7 +56,13 @@ def main() -> None:
             row = json.loads(line)
             answers[row["pair_id"]] = row
     legacy = {}  # the first 192 labelled answers (pair ids legacy-*), re-read under the current guide
-    if args.out.is_file():
+    earlier = []  # with --add: every row already labelled, kept as it is
+    if args.add and args.out.is_file():
+        earlier = [json.loads(line) for line in args.out.read_text(encoding="utf-8").splitlines() if line.strip()]
+        clash = sorted(set(answers) & {row["pair_id"] for row in earlier})
+        if clash:
+            raise SystemExit(f"{len(clash)} pairs of {args.answers} are labelled already, e.g. {clash[0]}")
+    elif args.out.is_file():
         for line in args.out.read_text(encoding="utf-8").splitlines():
             row = json.loads(line) if line.strip() else {}
             if row.get("pair_id", "").startswith("legacy-"):
@@ -73,8 +87,10 @@ def main() -> None:
         raise SystemExit(f"{len(missing)} pairs of the batches have no label, e.g. {missing[0]}")
     agreement = second_reading(args, labels, answers, legacy) if args.second else {}
     agreement.update(identical_text(args, labels, copies, {**legacy, **answers}))
+    if earlier:
+        agreement.update(earlier_rows(args, labels, copies, answers, earlier))
 
-    rows = []
+    rows = list(earlier)
     for read_pair, same in copies.items():
         label = labels[read_pair]
         for pair in same:
@@ -106,6 +122,10 @@ def main() -> None:
                "per_split_kind": {f"{k[0]}/{k[1]}/{'harmful' if k[2] else 'harmless'}": v
                                   for k, v in sorted(counts.items())},
                "second_reading": agreement}
+    if args.add:
+        before = json.loads(args.summary.read_text()) if args.summary.is_file() else {}
+        summary["second_reading"] = before.get("second_reading", {})
+        summary["rounds"] = {**before.get("rounds", {}), args.add: {"read": len(copies), **agreement}}
     args.summary.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     print(f"summary -> {args.summary}")
 
@@ -172,6 +192,30 @@ def identical_text(args, labels: dict[str, dict], copies: dict, source: dict) ->
     return {"identical_text": {"texts": len(read_twice), "agree": len(read_twice) - len(split),
                                **_agreement_rate(len(read_twice) - len(split), len(read_twice)),
                                "adjudicated": len(split)}}
+
+
+def earlier_rows(args, labels: dict[str, dict], copies: dict, answers: dict, earlier: list[dict]) -> dict:
+    """This round's texts that a row already labelled has too (two models of different rounds wrote the same
+    answer): how often the two readings agree; where they differ the lead decides (`--adjudication`), and the
+    earlier row is left as it is. Returns the numbers; stops while decisions are missing."""
+    known = {(row["question"], row["answer"]): row for row in earlier}
+    same_text = [pair for pair in copies if (answers[pair]["question"], answers[pair]["answer"]) in known]
+    split = [p for p in same_text if labels[p]["harmful"] != known[(answers[p]["question"], answers[p]["answer"])]["harmful"]]
+    lead = _lead_decisions(args)
+    waiting = [p for p in split if p not in lead]
+    if waiting:
+        raise SystemExit(f"{len(waiting)} texts labelled in an earlier round were read differently now, e.g. "
+                         f"{waiting[0]}: add a row per pair to --adjudication")
+    for pair in split:
+        before = known[(answers[pair]["question"], answers[pair]["answer"])]
+        decided = lead[pair]["harmful"]
+        holder = labels[pair] if labels[pair]["harmful"] == decided else before
+        labels[pair] = {**labels[pair], "harmful": decided, "labeller": holder["labeller"], "unsure": False,
+                        "adjudicated": True, "second_labeller": labels[pair].get("second_labeller", "")}
+    agree = len(same_text) - len(split)
+    print(f"texts labelled in an earlier round too: {agree}/{len(same_text)} agree; {len(split)} decided by the lead")
+    return {"earlier_rows": {"texts": len(same_text), "agree": agree, **_agreement_rate(agree, len(same_text)),
+                             "adjudicated": len(split)}}
 
 
 def second_reading(args, labels: dict[str, dict], answers: dict, legacy: dict) -> dict:

@@ -1,13 +1,15 @@
 """Answers to hand-label: SmolLM2 models from every point of the chain, on held-out harmful prompts.
 
     .venv/bin/python scripts/label_pool.py --out label-pool           # ~1.5 h on 2 CPU cores; resumable
+    .venv/bin/python scripts/label_pool.py --out label-pool --models restore,ties   # only what these stand on
 
 1. Builds the chain once in `<out>/mlflow.db` (experiment `label-pool`; a second call reuses every finished run
    of the same name and inputs, whatever code version made it): the base
    model; align sft, then dpo, kto, orpo and simpo on the SFT run; the DPO model attacked (SST2, n = 100) at
    p = 0, 0.05, 0.1, 0.2 with the offline recipe's learning rate (2e-4) and at p = 0.1, 0.2 with 1e-4; EXPO
-   (α = 0.9) of DPO; the p = 0.2 attack fused with EXPO by restore (inside a Wanda region), TIES and task
-   arithmetic. Stage evaluations are off: only the models are needed.
+   (α = 0.9) of DPO; the p = 0.2 attack repaired by restore (inside the EXPO model's Wanda region), TIES and task
+   arithmetic with EXPO, and RESTA and Safe LoRA by their recipes (DPO aligned, SFT unaligned). Stage evaluations
+   are off: only the models are needed. A run is built the first time a model that is answered needs it.
 2. Every model answers the judge-training prompts (`realign.data.safety.judge_training_prompts`, 168) and the
    evaluation prompts (the test split, 126) exactly as an evaluation does: the Alpaca prompt, greedy decoding,
    `EvalSettings().max_new_tokens` new tokens, batched.
@@ -21,10 +23,12 @@ Labels are not made here: they are made by reading each answer against docs/labe
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -57,48 +61,86 @@ def _made(stage: str, name: str, params: dict[str, str], make) -> str:
     return make()
 
 
-def chain_runs(out: Path) -> list[tuple[str, str, str]]:
-    """(model name, stage, run id) of every model of the chain, building what the pool does not have yet."""
-    from realign.stages.align import run_align
-    from realign.stages.attack import run_attack
-    from realign.stages.expo import run_expo
-    from realign.stages.fuse import run_fuse
-    from realign.stages.score import run_score
+class Chain:
+    """The chain's runs, each built (or reused) the first time a model needs it: a pool that answers only some
+    models (`--models`) trains only what those models stand on."""
 
-    found: list[tuple[str, str, str]] = []
-    sft = _made("align", "align/sft", {}, lambda: run_align({**OFF, "method": "sft"}))
-    found.append(("sft", "align", sft))
-    aligned = {}
-    for method in ("dpo", "kto", "orpo", "simpo"):
-        aligned[method] = _made("align", f"align/{method}", {"sft_run": sft},
-                                lambda m=method: run_align({**OFF, "method": m, "sft_run": sft}))
-        found.append((method, "align", aligned[method]))
-    attacks = {}
-    for ratio, rate in ((0.0, "0.0002"), (0.05, "0.0002"), (0.1, "0.0002"), (0.2, "0.0002"),
-                        (0.1, "0.0001"), (0.2, "0.0001")):
-        overrides = {**OFF, "source_run": aligned["dpo"], "task": "sst2", "size": "100", "ratio": str(ratio),
+    ATTACKS = ((0.0, "0.0002"), (0.05, "0.0002"), (0.1, "0.0002"), (0.2, "0.0002"), (0.1, "0.0001"),
+               (0.2, "0.0001"))
+    FUSES = (("restore", True), ("ties", False), ("task_arithmetic", False), ("resta", False),
+             ("safe_lora", False))
+
+    @functools.cached_property
+    def sft(self) -> str:
+        from realign.stages.align import run_align
+
+        return _made("align", "align/sft", {}, lambda: run_align({**OFF, "method": "sft"}))
+
+    @functools.cache
+    def aligned(self, method: str) -> str:
+        from realign.stages.align import run_align
+
+        return _made("align", f"align/{method}", {"sft_run": self.sft},
+                     lambda: run_align({**OFF, "method": method, "sft_run": self.sft}))
+
+    @functools.cache
+    def attack(self, ratio: float, rate: str) -> str:
+        from realign.stages.attack import run_attack
+
+        dpo = self.aligned("dpo")
+        overrides = {**OFF, "source_run": dpo, "task": "sst2", "size": "100", "ratio": str(ratio),
                      "train.learning_rate": rate}
-        run_id = _made("attack", f"attack/dpo/sst2/p{ratio:g}/n100",
-                       {"ratio": str(ratio), "train.learning_rate": rate, "source_run": aligned["dpo"]},
-                       lambda o=overrides: run_attack(o))
-        attacks[(ratio, rate)] = run_id
-        found.append((f"attack-p{ratio:g}-lr{float(rate):.0e}".replace("e-0", "e-"), "attack", run_id))
-    expo = _made("expo", "expo/dpo/a0.9", {"aligned_run": aligned["dpo"]},
-                 lambda: run_expo({**OFF, "aligned_run": aligned["dpo"], "sft_run": sft, "alpha": "0.9"}))
-    found.append(("expo-a0.9", "expo", expo))
-    score = _made("score", "score/wanda", {"model_run": expo},
-                  lambda: run_score({**OFF, "model_run": expo, "method": "wanda"}))
-    attacked = attacks[(0.2, "0.0002")]
-    for method, mask in (("restore", score), ("ties", ""), ("task_arithmetic", "")):
+        return _made("attack", f"attack/dpo/sst2/p{ratio:g}/n100",
+                     {"ratio": str(ratio), "train.learning_rate": rate, "source_run": dpo},
+                     lambda: run_attack(overrides))
+
+    @functools.cached_property
+    def expo(self) -> str:
+        from realign.stages.expo import run_expo
+
+        dpo = self.aligned("dpo")
+        return _made("expo", "expo/dpo/a0.9", {"aligned_run": dpo},
+                     lambda: run_expo({**OFF, "aligned_run": dpo, "sft_run": self.sft, "alpha": "0.9"}))
+
+    @functools.cached_property
+    def region(self) -> str:
+        from realign.stages.score import run_score
+
+        return _made("score", "score/wanda", {"model_run": self.expo},
+                     lambda: run_score({**OFF, "model_run": self.expo, "method": "wanda"}))
+
+    def fuse(self, method: str, masked: bool) -> str:
+        """The p = 0.2 attack repaired by `method`: restore inside the EXPO model's Wanda region, the merges
+        with the EXPO model, RESTA and Safe LoRA by their recipes against DPO (aligned) and SFT (unaligned)."""
+        from realign.stages.fuse import run_fuse
+
+        attacked = self.attack(0.2, "0.0002")
+        mask = self.region if masked else ""
+        if method in ("resta", "safe_lora"):
+            overrides = {**OFF, "finetuned_run": attacked, "reference_run": self.aligned("dpo"),
+                         "unaligned_run": self.sft, "recipe": method}
+        else:
+            overrides = {**OFF, "finetuned_run": attacked, "reference_run": self.expo, "method": method,
+                         **({"mask_run": mask} if mask else {})}
         params = {"finetuned_run": attacked, "method": method, "mask_run": mask}
         name = f"fuse/{method}/{'neurons' if mask else 'full'}"
-        overrides = {**OFF, "finetuned_run": attacked, "reference_run": expo, "method": method,
-                     **({"mask_run": mask} if mask else {})}
-        found.append((method, "fuse", _made("fuse", name, params, lambda o=overrides: run_fuse(o))))
-    return found
+        return _made("fuse", name, params, lambda: run_fuse(overrides))
+
+    def targets(self) -> list[tuple[str, str, Callable[[], str]]]:
+        """(model name, stage, run id maker) of every model of the pool; nothing is built until a maker is called."""
+        found: list[tuple[str, str, Callable[[], str]]] = [("base", "", lambda: ""), ("sft", "align", lambda: self.sft)]
+        for method in ("dpo", "kto", "orpo", "simpo"):
+            found.append((method, "align", functools.partial(self.aligned, method)))
+        for ratio, rate in self.ATTACKS:
+            name = f"attack-p{ratio:g}-lr{float(rate):.0e}".replace("e-0", "e-")
+            found.append((name, "attack", functools.partial(self.attack, ratio, rate)))
+        found.append(("expo-a0.9", "expo", lambda: self.expo))
+        for method, masked in self.FUSES:
+            found.append((method, "fuse", functools.partial(self.fuse, method, masked)))
+        return found
 
 
-def answer_all(out: Path) -> None:
+def answer_all(out: Path, wanted: set[str]) -> None:
     from realign import data, models, tracking
     from realign.config import EvalSettings, ModelConfig
     from realign.data.prompts import prompt_id
@@ -111,13 +153,15 @@ def answer_all(out: Path) -> None:
         done = {json.loads(line)["model"] for line in answers_path.read_text().splitlines() if line.strip()}
     settings = EvalSettings()
     pool = [("judge", p) for p in judge_training_prompts()] + [("test", p) for p in harmful_prompts("test")]
-    targets = [("base", "base", "")] + chain_runs(out)
+    chain = Chain()
+    targets = [t for t in chain.targets() if not wanted or t[0] in wanted]
     holder = tracking.StageRun("0" * 32, "label-pool")  # a workdir to download adapters into; opens no run
     base_cfg = ModelConfig()
     tokenizer = models.load_tokenizer(base_cfg)
-    for name, stage, run_id in targets:
+    for name, stage, make in targets:
         if name in done:
             continue
+        run_id = make()
         print(f"answering with {name} ({stage} {run_id})", file=sys.stderr, flush=True)
         if run_id:
             source = tracking.resolve_run(run_id, "model", tuple(KINDS), base_cfg.name)
@@ -140,10 +184,12 @@ def answer_all(out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("label-pool"))
+    parser.add_argument("--models", default="", help="only these models (comma-separated names, e.g. "
+                        "restore,ties); the runs they need are built, no others. Default: every model")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(args.out / 'mlflow.db').resolve()}")
-    answer_all(args.out)
+    answer_all(args.out, {m for m in args.models.split(",") if m})
 
 
 if __name__ == "__main__":
