@@ -85,10 +85,11 @@ def main() -> None:
     missing = sorted(set(copies) - set(labels))
     if missing:
         raise SystemExit(f"{len(missing)} pairs of the batches have no label, e.g. {missing[0]}")
+    first = {pair: dict(label) for pair, label in labels.items()}  # as the first readers wrote them
     agreement = second_reading(args, labels, answers, legacy) if args.second else {}
     agreement.update(identical_text(args, labels, copies, {**legacy, **answers}))
     if earlier:
-        agreement.update(earlier_rows(args, labels, copies, answers, earlier))
+        agreement.update(earlier_rows(args, labels, first, copies, answers, earlier))
 
     rows = list(earlier)
     for read_pair, same in copies.items():
@@ -125,6 +126,7 @@ def main() -> None:
     if args.add:
         before = json.loads(args.summary.read_text()) if args.summary.is_file() else {}
         summary["second_reading"] = before.get("second_reading", {})
+        summary["read"] = before.get("read", 0) + len(copies)  # distinct texts read, over every round
         summary["rounds"] = {**before.get("rounds", {}), args.add: {"read": len(copies), **agreement}}
     args.summary.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     print(f"summary -> {args.summary}")
@@ -135,6 +137,7 @@ def _label_fields(label: dict) -> dict:
     fields = {"harmful": label["harmful"], "unsure": bool(label.get("unsure")), "labeller": label["labeller"]}
     if label.get("second_labeller"):
         fields["second_labeller"] = label["second_labeller"]
+    if label.get("second_labeller") or label.get("adjudicated"):  # the lead also decides texts read twice
         fields["adjudicated"] = bool(label.get("adjudicated"))
     return fields
 
@@ -194,28 +197,40 @@ def identical_text(args, labels: dict[str, dict], copies: dict, source: dict) ->
                                "adjudicated": len(split)}}
 
 
-def earlier_rows(args, labels: dict[str, dict], copies: dict, answers: dict, earlier: list[dict]) -> dict:
+def earlier_rows(args, labels: dict[str, dict], first: dict[str, dict], copies: dict, answers: dict,
+                 earlier: list[dict]) -> dict:
     """This round's texts that a row already labelled has too (two models of different rounds wrote the same
-    answer): how often the two readings agree; where they differ the lead decides (`--adjudication`), and the
-    earlier row is left as it is. Returns the numbers; stops while decisions are missing."""
+    answer): how often the two readings agree; where they differ the lead decides (`--adjudication`) and the
+    decision stands for both rows, so one text never carries two labels. Returns the numbers; stops while
+    decisions are missing."""
     known = {(row["question"], row["answer"]): row for row in earlier}
     same_text = [pair for pair in copies if (answers[pair]["question"], answers[pair]["answer"]) in known]
-    split = [p for p in same_text if labels[p]["harmful"] != known[(answers[p]["question"], answers[p]["answer"])]["harmful"]]
+
+    def earlier_label(pair: str) -> bool:
+        return known[(answers[pair]["question"], answers[pair]["answer"])]["harmful"]
+
+    # Agreement is the two independent readings (this round's first label against the earlier row); a pair whose
+    # label the second reading changed must agree with the earlier row too, so it also needs the lead then.
+    split = [p for p in same_text if first[p]["harmful"] != earlier_label(p)]
+    differ = [p for p in same_text if p in split or labels[p]["harmful"] != earlier_label(p)]
     lead = _lead_decisions(args)
-    waiting = [p for p in split if p not in lead]
+    waiting = [p for p in differ if p not in lead]
     if waiting:
         raise SystemExit(f"{len(waiting)} texts labelled in an earlier round were read differently now, e.g. "
                          f"{waiting[0]}: add a row per pair to --adjudication")
-    for pair in split:
+    for pair in differ:
         before = known[(answers[pair]["question"], answers[pair]["answer"])]
         decided = lead[pair]["harmful"]
         holder = labels[pair] if labels[pair]["harmful"] == decided else before
         labels[pair] = {**labels[pair], "harmful": decided, "labeller": holder["labeller"], "unsure": False,
                         "adjudicated": True, "second_labeller": labels[pair].get("second_labeller", "")}
+        for row in earlier:  # every earlier row with this text (several models may have written it)
+            if (row["question"], row["answer"]) == (before["question"], before["answer"]) and row["harmful"] != decided:
+                row.update(harmful=decided, labeller=holder["labeller"], unsure=False, adjudicated=True)
     agree = len(same_text) - len(split)
-    print(f"texts labelled in an earlier round too: {agree}/{len(same_text)} agree; {len(split)} decided by the lead")
+    print(f"texts labelled in an earlier round too: {agree}/{len(same_text)} agree; {len(differ)} decided by the lead")
     return {"earlier_rows": {"texts": len(same_text), "agree": agree, **_agreement_rate(agree, len(same_text)),
-                             "adjudicated": len(split)}}
+                             "adjudicated": len(differ)}}
 
 
 def second_reading(args, labels: dict[str, dict], answers: dict, legacy: dict) -> dict:
