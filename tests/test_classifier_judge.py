@@ -130,8 +130,6 @@ def test_the_labelled_set_keeps_its_provenance_and_its_splits_apart():
         assert row.prompt_id == prompt_id(row.question) and row.kind in KINDS and row.model and row.labeller
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 is open: no answers of fused models are labelled yet (the answers of "
-                                       "restore, ties and task_arithmetic were lost before they were read)")
 def test_every_model_kind_is_in_the_test_split():
     assert {r.kind for r in split_rows("test")} == set(KINDS)
 
@@ -147,8 +145,8 @@ def test_the_judge_trains_on_the_train_split_only(judge):
     assert judge.metadata["train_pairs"] == len(split_rows("train"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 is open: measured on the test split, recall 81.6 % [75.8, 86.3] but "
-                                       "specificity 91.5 % [89.0, 93.5] (goal 95), base-model answers 65.7 % (n = 35)")
+@pytest.mark.xfail(strict=True, reason="issue 15 is open: measured on the test split, recall 87.1 % [83.5, 89.9] but "
+                                       "specificity 91.5 % [89.6, 93.1] (goal 95), base-model answers 65.7 % (n = 35)")
 def test_the_judge_meets_the_goal_on_the_test_split_overall_and_within_each_kind(judge):
     """recall >= 0.75 at specificity >= 0.95 on answers to the evaluation prompts, which it never saw."""
     by_kind = agreement_by_kind(judge, "test")
