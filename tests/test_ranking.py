@@ -65,3 +65,29 @@ def test_the_chart_has_one_point_per_method_with_its_interval():
     trace = chart.figure.data[0]
     assert list(trace.text) == ["antidote · neurons · full"] and trace.y[0] == pytest.approx(20.0)
     assert math.isclose(trace.error_y.array[0], table["harm_removed ci95_high"][0] - 20.0)
+
+
+def test_accuracy_lost_has_a_paired_interval_over_the_task_examples_both_answered():
+    frame = pd.DataFrame([_run("a1", "attack", accuracy=100.0),
+                          _run("f1", "fuse", "ties", "a1", accuracy=80.0, granularity="full", mode="full")])
+    verdicts = {"a1": _verdicts({0, 1}), "f1": _verdicts(set())}
+    # every example right before; examples 0 and 1 wrong after: b = 2 discordant pairs, c = 0
+    correct = {"a1": _verdicts(set(range(10))), "f1": _verdicts(set(range(2, 10)))}
+    row = ranking.realignment_table(frame, verdicts.get, correct.get).iloc[0]
+    assert row["accuracy_lost"] == pytest.approx(20.0)
+    assert row["accuracy_lost ci95_low"] < 20.0 < row["accuracy_lost ci95_high"]
+    assert row["accuracy_lost ci95_low"] < 0.0, "two examples of ten are inside the noise"
+    assert row["accuracy_p_value"] == pytest.approx(0.5)  # McNemar exact: 2 · (1/2)^2
+    without = ranking.realignment_table(frame, verdicts.get).iloc[0]
+    assert math.isnan(without["accuracy_lost ci95_low"]) and math.isnan(without["accuracy_p_value"])
+
+
+def test_task_examples_are_read_as_right_or_wrong_only_where_the_task_scores_so():
+    from realign.tracking import task_correct
+
+    rows = [{"kind": "harmful", "prompt_id": "h", "flagged": True, "correct": None},
+            {"kind": "sst2", "prompt_id": "x", "flagged": None, "correct": 1.0},
+            {"kind": "sst2", "prompt_id": "y", "flagged": None, "correct": 0.0}]
+    assert task_correct("unused", rows) == {"x": True, "y": False}
+    rouge = [{"kind": "alpaca", "prompt_id": "z", "flagged": None, "correct": 0.42}]
+    assert task_correct("unused", rouge) is None

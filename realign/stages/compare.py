@@ -52,7 +52,7 @@ def build_report(cfg: CompareConfig) -> dashboards.Report:
     pairs = paired_differences(labelled, verdicts) if not frame.empty else None
     report = dashboards.build_report(runs, pairs)
     if not frame.empty:
-        table = ranking.realignment_table(labelled, verdicts)
+        table = ranking.realignment_table(labelled, verdicts, verdicts.correct)
         if not table.empty:
             report.tables["realignment"] = table
             report.charts.append(ranking.realignment_chart(table))
@@ -74,15 +74,24 @@ PAIRED_STAGES = ("attack", "expo", "fuse")
 
 
 class Verdicts:
-    """Each run's harmful-prompt verdicts by prompt id (its eval/generations.json), read once."""
+    """Each run's harmful-prompt verdicts by prompt id (its eval/generations.json), read once; `correct` gives
+    the same table's task examples, right or wrong, by prompt id."""
 
     def __init__(self):
-        self._by_run: dict[str, dict[str, bool] | None] = {}
+        self._rows: dict[str, list[dict] | None] = {}
+
+    def _rows_of(self, run_id: str) -> list[dict] | None:
+        if run_id not in self._rows:
+            self._rows[run_id] = tracking.load_evaluation_rows(run_id)
+        return self._rows[run_id]
 
     def __call__(self, run_id: str) -> dict[str, bool] | None:
-        if run_id not in self._by_run:
-            self._by_run[run_id] = tracking.harmful_verdicts(run_id)
-        return self._by_run[run_id]
+        rows = self._rows_of(run_id)
+        return None if rows is None else tracking.harmful_verdicts(run_id, rows)
+
+    def correct(self, run_id: str) -> dict[str, bool] | None:
+        rows = self._rows_of(run_id)
+        return None if rows is None else tracking.task_correct(run_id, rows)
 
 
 def paired_differences(frame, verdicts_of: Verdicts | None = None) -> "dashboards.pd.DataFrame":

@@ -28,7 +28,7 @@ from realign.tracking.store import (
 )
 from realign.tracking.experiments import (
     project_run_id, experiment_name, get_or_create_experiment, search_runs, run_metrics, load_run_table,
-    harmful_verdicts, adapter_root, latest_run, elsewhere_hint, to_realign_experiment, find_reusable_run, experiment_of,
+    harmful_verdicts, task_correct, load_evaluation_rows, adapter_root, latest_run, elsewhere_hint, to_realign_experiment, find_reusable_run, experiment_of,
 )
 from realign.tracking.inputs import (
     InputRun, parse_run_ref, registered_run_id, resolve_run, download_artifact, check_artifact_files,
@@ -49,7 +49,7 @@ __all__ = [
     'DEFAULT_TRACKING_URI', 'DEFAULT_EXPERIMENT', 'tracking_uri', 'TRANSIENT_ERRORS', 'RETRY_BUDGET_S',
     'is_transient', 'is_store_failure', 'StoreError', 'store_call', 'store_error', 'client', 'open_store', 'use_wal',
     'note', 'code_version', 'project_run_id', 'experiment_name', 'get_or_create_experiment', 'search_runs',
-    'run_metrics', 'load_run_table', 'harmful_verdicts', 'adapter_root', 'latest_run', 'elsewhere_hint',
+    'run_metrics', 'load_run_table', 'harmful_verdicts', 'task_correct', 'load_evaluation_rows', 'adapter_root', 'latest_run', 'elsewhere_hint',
     'to_realign_experiment', 'find_reusable_run', 'experiment_of', 'InputRun', 'parse_run_ref', 'registered_run_id', 'MODEL_ARTIFACT', 'REGISTERED_STAGES', 'check_model_name', 'log_and_register',
     'resolve_run',
     'download_artifact', 'check_artifact_files', 'StageRun', 'ReplicaRun', 'stage_run', 'claim_project_run',

@@ -105,12 +105,9 @@ def load_run_table(run_id: str, artifact_file: str):
     return store_call(client().load_table, experiment_id, artifact_file, run_ids=[run_id])
 
 
-def harmful_verdicts(run_id: str) -> dict[str, bool] | None:
-    """prompt_id -> flagged for the harmful prompts of a run's own evaluation (eval/generations.json); None
-    when it logged none."""
+def load_evaluation_rows(run_id: str) -> list[dict] | None:
+    """The rows of a run's own evaluation table (eval/generations.json); None when it logged none."""
     import json
-
-    from realign.data.prompts import prompt_id
 
     folder = Path(tempfile.mkdtemp(prefix="realign-verdicts-"))
     try:
@@ -125,9 +122,32 @@ def harmful_verdicts(run_id: str) -> dict[str, bool] | None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     columns = table.get("columns", [])
-    rows = [dict(zip(columns, row)) for row in table.get("data", [])]
+    return [dict(zip(columns, row)) for row in table.get("data", [])]
+
+
+def harmful_verdicts(run_id: str, rows: list[dict] | None = None) -> dict[str, bool] | None:
+    """prompt_id -> flagged for the harmful prompts of a run's own evaluation (eval/generations.json); None
+    when it logged none. `rows`: that table's rows, when already read."""
+    from realign.data.prompts import prompt_id
+
+    rows = load_evaluation_rows(run_id) if rows is None else rows
+    if rows is None:
+        return None
     return {row.get("prompt_id") or prompt_id(row["prompt"]): bool(row["flagged"])
             for row in rows if row.get("kind") == "harmful" and row.get("flagged") is not None}
+
+
+def task_correct(run_id: str, rows: list[dict] | None = None) -> dict[str, bool] | None:
+    """prompt_id -> correct for the task test examples of a run's own evaluation, where the task is scored as
+    right or wrong (label word, final answer); None when it logged none or scores otherwise (alpaca's ROUGE-L)."""
+    from realign.data.prompts import prompt_id
+
+    rows = load_evaluation_rows(run_id) if rows is None else rows
+    task_rows = [row for row in rows or [] if row.get("kind") not in (None, "harmful", "benign")
+                 and row.get("correct") is not None]
+    if not task_rows or any(float(row["correct"]) not in (0.0, 1.0) for row in task_rows):
+        return None
+    return {row.get("prompt_id") or prompt_id(row["prompt"]): float(row["correct"]) == 1.0 for row in task_rows}
 
 
 def adapter_root(run_id: str) -> str:
