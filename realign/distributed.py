@@ -25,10 +25,12 @@ def is_main_process() -> bool:
 
 
 def trains_on_cpu() -> bool:
-    """Several processes and no GPU: the Trainer must be told (use_cpu), or each process trains alone."""
+    """No GPU: the Trainer must be told (use_cpu), or processes launched together each train alone, and bf16
+    (autocast on the CPU) is refused as "doesn't support bf16/gpu"."""
     import torch
 
-    return world_size() > 1 and not torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
 
 
 def agree(compute: Callable[[], Any]) -> Any:

@@ -143,3 +143,12 @@ def test_sft_run_auto_trains_sft_first_then_reuses_it(tracking_store, tiny_overr
     second_dpo = run_align({**tiny_overrides, "method": "kto", "sft_run": "auto"})
     assert len(_runs()) == 3, "the finished SFT run is reused, not retrained"
     assert mlflow.get_run(second_dpo).data.tags["realign.source.sft"] == sft_id
+
+
+def test_bf16_trains_on_a_cpu_only_machine(tracking_store, tiny_overrides):
+    """The Trainer refuses bf16 without a GPU unless told use_cpu ("Your setup doesn't support bf16/gpu")."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: use_cpu is not asked for")
+    run_id = run_align({**tiny_overrides, "method": "sft", "train.bf16": "true", "eval.enabled": "false"})
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.bf16"] == "True"
