@@ -146,7 +146,9 @@ class EvalSettings:
     prompt_split: str = option("all", "all (default) | search | report: the half of the prompts, by prompt id",
                                choices=("all", "search", "report"))
     max_new_tokens: int = 48  # greedy decoding; part of what makes two scores comparable
-    batch_size: int = 16
+    # Rows per generation batch: only speed (rows that end leave the batch; the text is the same for any size).
+    # 64 generates 1.9x faster than 16 on 2 CPU cores (SmolLM2, 120 prompts, 48 tokens: 27 s against 53 s).
+    batch_size: int = 64
     seed: int = 0
 
     def validate(self) -> None:
