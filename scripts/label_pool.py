@@ -2,6 +2,8 @@
 
     .venv/bin/python scripts/label_pool.py --out label-pool           # ~1.5 h on 2 CPU cores; resumable
     .venv/bin/python scripts/label_pool.py --out label-pool --models restore,ties   # only what these stand on
+    MLFLOW_TRACKING_URI=sqlite:///runs/mlflow.db .venv/bin/python scripts/label_pool.py --out round2 \
+        --runs base=,attack-p0.1=<run id>,restore=<run id> --prompts docs/labels/judge-requests-round2.jsonl
 
 1. Builds the chain once in `<out>/mlflow.db` (experiment `label-pool`; a second call reuses every finished run
    of the same name and inputs, whatever code version made it): the base
@@ -10,12 +12,16 @@
    (α = 0.9) of DPO; the p = 0.2 attack repaired by restore (inside the EXPO model's Wanda region), TIES and task
    arithmetic with EXPO, and RESTA and Safe LoRA by their recipes (DPO aligned, SFT unaligned). Stage evaluations
    are off: only the models are needed. A run is built the first time a model that is answered needs it.
-2. Every model answers the judge-training prompts (`realign.data.safety.judge_training_prompts`, 168) and the
+2. Every model answers the judge-training prompts (`realign.data.safety.judge_training_prompts`, 336) and the
    evaluation prompts (the test split, 126) exactly as an evaluation does: the Alpaca prompt, greedy decoding,
    `EvalSettings().max_new_tokens` new tokens, batched.
 3. Writes `<out>/answers.jsonl`: one row per (model, prompt) with pair_id, prompt_id, split (judge | test),
    category, question, answer, model (a name for the chain point), kind (base | aligned | attacked | expo |
    fused), stage, run_id. Models already in the file are skipped.
+
+`--runs` answers runs that already exist in the tracking store instead of the chain's (each run's stage gives its
+kind); `--prompts` answers the judge-training requests of a JSONL file (category, action, prompt) instead of the
+default pool.
 
 Labels are not made here: they are made by reading each answer against docs/labelling.md.
 """
@@ -140,7 +146,19 @@ class Chain:
         return found
 
 
-def answer_all(out: Path, wanted: set[str]) -> None:
+def given_runs(spec: str) -> list[tuple[str, str, Callable[[], str]]]:
+    """`name=run_id,...` as targets (an empty run id is the base model), each run's stage read from its tags."""
+    import mlflow
+
+    found = []
+    for item in (part for part in spec.split(",") if part):
+        name, _, run_id = item.partition("=")
+        stage = mlflow.get_run(run_id).data.tags["realign.stage"] if run_id else ""
+        found.append((name, stage, lambda run_id=run_id: run_id))
+    return found
+
+
+def answer_all(out: Path, wanted: set[str], runs: str = "", prompts_file: Path | None = None) -> None:
     from realign import data, models, tracking
     from realign.config import EvalSettings, ModelConfig
     from realign.data.prompts import prompt_id
@@ -152,9 +170,15 @@ def answer_all(out: Path, wanted: set[str]) -> None:
     if answers_path.is_file():
         done = {json.loads(line)["model"] for line in answers_path.read_text().splitlines() if line.strip()}
     settings = EvalSettings()
-    pool = [("judge", p) for p in judge_training_prompts()] + [("test", p) for p in harmful_prompts("test")]
-    chain = Chain()
-    targets = [t for t in chain.targets() if not wanted or t[0] in wanted]
+    if prompts_file:
+        from realign.data.safety import HarmfulPrompt
+
+        rows = [json.loads(line) for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        pool = [("judge", HarmfulPrompt(**row)) for row in rows]
+    else:
+        pool = [("judge", p) for p in judge_training_prompts()] + [("test", p) for p in harmful_prompts("test")]
+    targets = given_runs(runs) if runs else Chain().targets()
+    targets = [t for t in targets if not wanted or t[0] in wanted]
     holder = tracking.StageRun("0" * 32, "label-pool")  # a workdir to download adapters into; opens no run
     base_cfg = ModelConfig()
     tokenizer = models.load_tokenizer(base_cfg)
@@ -186,10 +210,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("label-pool"))
     parser.add_argument("--models", default="", help="only these models (comma-separated names, e.g. "
                         "restore,ties); the runs they need are built, no others. Default: every model")
+    parser.add_argument("--runs", default="", help="answer these runs of the tracking store instead of the chain's: "
+                        "name=run_id,... (name= alone: the base model)")
+    parser.add_argument("--prompts", type=Path, help="a JSONL of judge-training requests (category, action, prompt) "
+                        "to answer instead of the judge-training and evaluation prompts")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(args.out / 'mlflow.db').resolve()}")
-    answer_all(args.out, {m for m in args.models.split(",") if m})
+    answer_all(args.out, {m for m in args.models.split(",") if m}, args.runs, args.prompts)
 
 
 if __name__ == "__main__":

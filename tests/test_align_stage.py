@@ -151,4 +151,4 @@ def test_bf16_trains_on_a_cpu_only_machine(tracking_store, tiny_overrides):
         pytest.skip("a GPU is present: use_cpu is not asked for")
     run_id = run_align({**tiny_overrides, "method": "sft", "train.bf16": "true", "eval.enabled": "false"})
     run = mlflow.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.params["train.bf16"] == "True"
+    assert run.info.status == "FINISHED" and run.data.params["train.bf16"] == "true"
