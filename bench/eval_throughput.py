@@ -3,7 +3,8 @@
 Same model, prompts and token budget, one process. Prints `name: value` lines:
   evaluator_prompts_per_s, per_prompt_loop_prompts_per_s, bare_generate_prompts_per_s,
   speedup_vs_per_prompt (goal >= 5), overhead_vs_bare_generate (evaluator seconds / bare seconds, goal <= 1.3),
-  same_text_as_per_prompt_loop (greedy texts identical to generating each prompt alone).
+  same_text_as_per_prompt_loop (greedy texts identical to generating each prompt alone),
+  shared_template_speedup (the evaluator running each prompt whole / running the batch's shared template once).
 The per-prompt loop is what the peers' pred.py scripts do: one prompt, one generate call, at a time.
 
     .venv/bin/python bench/eval_throughput.py                  # SmolLM2, 32 held-out harmful prompts, 48 tokens
@@ -42,10 +43,17 @@ def main() -> None:
 
     generate_responses(model, tokenizer, prompts[:2], max_new_tokens=4)  # warm-up
 
-    start = time.perf_counter()
-    batched = generate_responses(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.batch_size, stop_strings=())
-    evaluator = time.perf_counter() - start
+    # The evaluator as it runs (the batch's shared template once) and with each prompt run whole, alternating
+    # (ABBA) so that a machine that speeds up or slows down mid-run affects both alike.
+    seconds = {True: 0.0, False: 0.0}
+    texts = {}
+    for share in (True, False, False, True):
+        start = time.perf_counter()
+        texts[share] = generate_responses(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                          batch_size=args.batch_size, stop_strings=(), share_prefix=share)
+        seconds[share] += (time.perf_counter() - start) / 2
+    batched, unshared = texts[True], texts[False]
+    evaluator, evaluator_unshared = seconds[True], seconds[False]
 
     start = time.perf_counter()
     alone = []
@@ -75,6 +83,8 @@ def main() -> None:
     print(f"speedup_vs_per_prompt: {per_prompt / evaluator:.2f}  (goal >= 5)")
     print(f"overhead_vs_bare_generate: {evaluator / bare:.3f}  (goal <= 1.3; < 1: ended rows leave the batch)")
     print(f"same_text_as_per_prompt_loop: {sum(a == b for a, b in zip(batched, alone))}/{n}")
+    print(f"shared_template_speedup: {evaluator_unshared / evaluator:.2f}  (each prompt run whole / the template once)")
+    print(f"same_text_with_and_without_sharing: {sum(a == b for a, b in zip(batched, unshared))}/{n}")
 
 
 if __name__ == "__main__":

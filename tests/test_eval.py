@@ -33,6 +33,7 @@ from realign.eval import (
     sst2_correct,
     task_accuracy,
 )
+from realign.eval.generate import shared_prefix_length
 
 TRAINING_SENTENCES = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
@@ -128,6 +129,70 @@ def test_batched_generation_equals_per_prompt_loop(causal_model, tokenizer, batc
         causal_model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=batch_size, stop_strings=()
     )
     assert batched == expected
+
+
+# A shared template, as the evaluation prompts have (data.format_prompt): every prompt of a batch starts with it.
+TEMPLATE = "Below is an instruction that describes a task. Write a response. ### Instruction: "
+
+
+@pytest.mark.parametrize("batch_size", [2, 16])
+def test_generation_with_a_shared_prompt_template_equals_per_prompt_loop(causal_model, tokenizer, batch_size):
+    prompts = [TEMPLATE + prompt for prompt in PROMPTS]
+    assert shared_prefix_length(tokenizer(prompts)["input_ids"]) > 5, "the template must be a shared prefix"
+    expected = per_prompt_greedy(causal_model, tokenizer, prompts, max_new_tokens=12, stop_strings=())
+    assert len(set(expected)) > 1
+    assert generate_responses(causal_model, tokenizer, prompts, max_new_tokens=12, batch_size=batch_size,
+                              stop_strings=()) == expected
+
+
+def test_the_shared_prefix_is_run_once_and_then_only_each_prompt_rest(causal_model, tokenizer, monkeypatch):
+    prompts = [TEMPLATE + prompt for prompt in PROMPTS]
+    ids = tokenizer(prompts)["input_ids"]
+    shared = shared_prefix_length(ids)
+    widths = []
+    forward = causal_model.forward
+
+    def recording_forward(*args, **kwargs):
+        widths.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(causal_model, "forward", recording_forward)
+    generate_responses(causal_model, tokenizer, prompts, max_new_tokens=3, batch_size=16, stop_strings=())
+    assert widths[0] == (1, shared)
+    assert widths[1] == (len(prompts), max(len(tokens) for tokens in ids) - shared)
+    assert all(width[1] == 1 for width in widths[2:])
+
+
+def test_bf16_evaluation_has_its_own_decoding_label():
+    from realign.config import EvalSettings
+    from realign.stages.evaluate import decoding_label
+
+    assert decoding_label(EvalSettings()) == "greedy,max_new_tokens=48"
+    assert decoding_label(EvalSettings(bf16=True)) == "greedy,max_new_tokens=48,bf16-autocast"
+
+
+def test_bf16_evaluation_generates_under_autocast(causal_model, tokenizer):
+    from realign.config import EvalSettings
+    from realign.stages.evaluate import generation_precision
+
+    with generation_precision(causal_model, EvalSettings(bf16=True)):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        answers = generate_responses(causal_model, tokenizer, PROMPTS, max_new_tokens=4, stop_strings=())
+    assert len(answers) == len(PROMPTS)
+    with generation_precision(causal_model, EvalSettings()):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("token_lists, expected", [
+    ([[1, 2, 3], [1, 2, 4]], 2),
+    ([[1, 2], [1, 2, 3]], 1),  # each keeps at least its last token
+    ([[7, 8, 9]], 2),
+    ([[5]], 0),
+    ([[1, 2], [3, 2]], 0),
+    ([], 0),
+])
+def test_shared_prefix_length(token_lists, expected):
+    assert shared_prefix_length(token_lists) == expected
 
 
 def test_generation_keeps_order_and_default_stop_strings(causal_model, tokenizer):

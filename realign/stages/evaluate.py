@@ -79,7 +79,19 @@ def _chosen_prompts(settings: EvalSettings) -> PromptSet:
 
 
 def decoding_label(settings: EvalSettings) -> str:
-    return f"greedy,max_new_tokens={settings.max_new_tokens}"
+    precision = ",bf16-autocast" if settings.bf16 else ""  # fp32 (or the weights' own dtype) has no suffix
+    return f"greedy,max_new_tokens={settings.max_new_tokens}{precision}"
+
+
+def generation_precision(model, settings: EvalSettings):
+    """The context generation runs in: bf16 autocast with `eval.bf16`, else the weights' own dtype."""
+    import contextlib
+
+    import torch
+
+    if not settings.bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16)
 
 
 def evaluate_model(model, tokenizer, settings: EvalSettings, task: str = "") -> Evaluation:
@@ -123,8 +135,10 @@ def _safety_part(model, tokenizer, settings: EvalSettings, judge, harmful_prompt
 
     benign = data.benign_instructions("test", settings.benign_prompts, settings.seed) if settings.benign_prompts else []
     benign_prompts = [data.format_prompt(row["instruction"], row["input"]) for row in benign]
-    responses = generate_responses(model, tokenizer, [data.format_prompt(p) for p in harmful_prompts] + benign_prompts,
-                                   max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
+    with generation_precision(model, settings):
+        responses = generate_responses(model, tokenizer,
+                                       [data.format_prompt(p) for p in harmful_prompts] + benign_prompts,
+                                       max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
     flags = [bool(flag) for flag in judge.judge(harmful_prompts, responses[: len(harmful_prompts)])]
     refusals = [is_refusal(r) for r in responses]
     metrics = {**rate_metrics("harmful_score", flags), **rate_metrics("refusal_rate", refusals[: len(harmful_prompts)])}
@@ -152,9 +166,10 @@ def _task_part(model, tokenizer, settings: EvalSettings, task: str):
 
     rows = data.load_task(task, "test", settings.task_examples, settings.seed)
     examples = [data.format_task_example(task, row) for row in rows]
-    outputs = generate_responses(model, tokenizer, [prompt for prompt, _, _ in examples],
-                                 max_new_tokens=TASK_MAX_NEW_TOKENS.get(task, settings.max_new_tokens),
-                                 batch_size=settings.batch_size)
+    with generation_precision(model, settings):
+        outputs = generate_responses(model, tokenizer, [prompt for prompt, _, _ in examples],
+                                     max_new_tokens=TASK_MAX_NEW_TOKENS.get(task, settings.max_new_tokens),
+                                     batch_size=settings.batch_size)
     golds = [gold for _, _, gold in examples]
     per_example = [task_accuracy(task, [out], [gold]) / 100.0 for out, gold in zip(outputs, golds)]
     metrics: dict[str, float] = {}

@@ -33,7 +33,7 @@ from realign.ops import masks
 from realign.ops import neurons, selection
 from realign.eval.judges import check_judge
 from realign.stages.base import Input, Stage, register, run_stage
-from realign.stages.evaluate import evaluate_model
+from realign.stages.evaluate import evaluate_model, generation_precision
 
 SCORED_STAGES = ("align", "expo", "attack")  # attack: Antidote scores the attacked model
 SANITY_VARIANTS = ("zeroed_selected", "zeroed_random")
@@ -229,8 +229,9 @@ def own_safe_answers(cfg: ScoreConfig, model, tokenizer):
 
     rows = data.pku_saferlhf("train", 2 * cfg.nsamples, cfg.seed)
     questions = [row["prompt"] for row in rows]
-    answers = generate_responses(model, tokenizer, [data.format_prompt(q) for q in questions],
-                                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    with generation_precision(model, cfg.eval):
+        answers = generate_responses(model, tokenizer, [data.format_prompt(q) for q in questions],
+                                     max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
     judge = get_judge(cfg.eval.judge, **({"judge_path": cfg.eval.judge_path} if cfg.eval.judge_path else {}))
     flags = judge.judge(questions, answers)
     kept = [(q, a) for q, a, flagged in zip(questions, answers, flags) if not flagged and a.strip()][:cfg.nsamples]

@@ -33,7 +33,7 @@ TAG_PROMPTS = "realign.prompts"  # builtin:test, hub:<id> or file:<path>
 TAG_PROMPTS_DIGEST = "realign.prompts_digest"  # realign.data.prompts.prompt_set_digest of the harmful prompts
 
 
-TAG_DECODING = "realign.decoding"  # greedy,max_new_tokens=<n>
+TAG_DECODING = "realign.decoding"  # greedy,max_new_tokens=<n>[,bf16-autocast]
 
 
 SCORE_IDENTITY_TAGS = (TAG_JUDGE, TAG_JUDGE_HASH, TAG_JUDGE_THRESHOLD, TAG_PROMPTS, TAG_PROMPTS_DIGEST, TAG_DECODING)
