@@ -62,7 +62,8 @@ def main() -> None:
 
     mlflow.set_tracking_uri(args.tracking_uri)
     finished = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                  filter_string="attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+                                  filter_string="attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"])
     workdir = Path(tempfile.mkdtemp(prefix="realign-eval-precision-"))
     fp32 = EvalSettings()
     bf16 = dataclasses.replace(fp32, bf16=True)
@@ -79,7 +80,8 @@ def main() -> None:
         tokenizer = models.load_tokenizer(model_cfg)
         task = run.data.tags.get(tracking.TAG_TASK, "")
         results, took = {}, {}
-        for name, settings in ((("fp32", fp32), ("bf16", bf16)) if index % 2 == 0 else (("bf16", bf16), ("fp32", fp32))):
+        order = (("fp32", fp32), ("bf16", bf16))
+        for name, settings in order if index % 2 == 0 else reversed(order):
             started = time.perf_counter()
             results[name] = evaluate_model(model, tokenizer, settings, task=task)
             took[name] = time.perf_counter() - started
@@ -96,9 +98,9 @@ def main() -> None:
             second = [bool(tables["bf16"][column][i]) for i in rows]
             diff = paired_difference(first, second)
             name = {"flagged": "harmful", "refusal": f"{kind} refusal", "correct": f"{task} accuracy"}[column]
-            print(f"| {label} | {name} | {len(rows)} | {rate(first)} | {rate(second)} | {100 * diff.difference:+.1f} [{100 * diff.ci95_low:+.1f}, "
-                  f"{100 * diff.ci95_high:+.1f}] | {diff.p_value:.3g} | {same}/{len(kinds)} | {took['fp32']:.0f} | "
-                  f"{took['bf16']:.0f} |", flush=True)
+            print(f"| {label} | {name} | {len(rows)} | {rate(first)} | {rate(second)} | "
+                  f"{100 * diff.difference:+.1f} [{100 * diff.ci95_low:+.1f}, {100 * diff.ci95_high:+.1f}] | "
+                  f"{diff.p_value:.3g} | {same}/{len(kinds)} | {took['fp32']:.0f} | {took['bf16']:.0f} |", flush=True)
     print(f"fp32_seconds: {seconds['fp32']:.1f}")
     print(f"bf16_seconds: {seconds['bf16']:.1f}")
     print(f"bf16_speedup: {seconds['fp32'] / seconds['bf16']:.2f}")

@@ -120,9 +120,10 @@ def generate_responses(
     Prompts are sorted by token length and batched with LEFT padding (so every row's new tokens start at the
     same column and position ids follow the attention mask), which gives the same greedy text as generating
     each prompt alone. The tokens every prompt of a batch starts with (the prompt template) are run once
-    (`share_prefix=False` runs each prompt whole, the same text, slower: bench/eval_throughput.py compares them). Only the new tokens are decoded, special tokens skipped, each cut at the first stop
-    string and stripped. `add_special_tokens=False` is for prompts that already carry them (chat templates).
-    The tokenizer's padding side and pad token and the model's train/eval mode are restored afterwards.
+    (`share_prefix=False` runs each prompt whole: the same text, slower; bench/eval_throughput.py compares them).
+    Only the new tokens are decoded, special tokens skipped, each cut at the first stop string and stripped.
+    `add_special_tokens=False` is for prompts that already carry them (chat templates). The tokenizer's padding
+    side and pad token and the model's train/eval mode are restored afterwards.
     """
     if not prompts:
         return []
