@@ -16,31 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 DEFAULT_RUNS = "align/sft,align/dpo,attack/dpo/sst2/p0.1/n100,expo/dpo/a0.9,fuse/restore/neurons"
-
-
-def model_of_run(run, workdir: Path):
-    """(model config, adapter dirs) of a finished stage run, as `realign evaluate --run` rebuilds it."""
-    import mlflow
-
-    from realign import tracking
-    from realign.config import ModelConfig, from_dict, load_preset
-
-    model_cfg = from_dict(ModelConfig, load_preset("model", run.data.params.get("model.name", "smollm2-135m")))
-    if run.data.tags.get(tracking.TAG_OUTPUT) == "model":
-        path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model",
-                                                   dst_path=str(workdir / run.info.run_id))
-        return dataclasses.replace(model_cfg, source="local", path=path), []
-    chain = [i for i in run.data.tags.get(tracking.TAG_ADAPTER_BASE, "").split(",") if i] + [run.info.run_id]
-    adapters = [mlflow.artifacts.download_artifacts(run_id=i, artifact_path="adapter", dst_path=str(workdir / i))
-                for i in chain]
-    return model_cfg, adapters
 
 
 def main() -> None:
@@ -52,19 +32,21 @@ def main() -> None:
     import mlflow
 
     from realign import models, tracking
-    from realign.config import EvalSettings
-    from realign.stages.evaluate import evaluate_model
+    from realign.config import EvalSettings, ModelConfig
+    from realign.stages.evaluate import EVALUATED_STAGES, evaluate_model
     from realign.stats import paired_difference, wilson_interval
 
     def rate(hits: list[bool]) -> str:
         low, high = wilson_interval(sum(hits), len(hits))
         return f"{100 * sum(hits) / len(hits):.1f} [{100 * low:.1f}, {100 * high:.1f}]"
 
+    os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri  # realign.tracking reads the store from here
     mlflow.set_tracking_uri(args.tracking_uri)
     finished = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                   filter_string="attributes.status = 'FINISHED'",
                                   order_by=["attributes.start_time DESC"])
-    workdir = Path(tempfile.mkdtemp(prefix="realign-eval-precision-"))
+    holder = tracking.StageRun("0" * 32, "eval-precision")  # a workdir to download weights into; opens no run
+    base_cfg = ModelConfig()
     fp32 = EvalSettings()
     bf16 = dataclasses.replace(fp32, bf16=True)
     seconds = {"fp32": 0.0, "bf16": 0.0}
@@ -75,7 +57,9 @@ def main() -> None:
         run = next((r for r in finished if wanted in (r.info.run_id, r.data.tags.get("mlflow.runName"))), None)
         if run is None:
             raise SystemExit(f"no finished run named or with id {wanted} in {args.tracking_uri}")
-        model_cfg, adapters = model_of_run(run, workdir)
+        # Rebuilt as `realign evaluate --run` does: the logged model, or the base and the adapter chain.
+        source = tracking.resolve_run(run.info.run_id, "model", EVALUATED_STAGES, base_cfg.name)
+        model_cfg, adapters = holder.model_of(source, base_cfg)
         model = models.load_model(model_cfg, adapters=adapters)
         tokenizer = models.load_tokenizer(model_cfg)
         task = run.data.tags.get(tracking.TAG_TASK, "")
