@@ -12,7 +12,7 @@
    (α = 0.9) of DPO; the p = 0.2 attack repaired by restore (inside the EXPO model's Wanda region), TIES and task
    arithmetic with EXPO, and RESTA and Safe LoRA by their recipes (DPO aligned, SFT unaligned). Stage evaluations
    are off: only the models are needed. A run is built the first time a model that is answered needs it.
-2. Every model answers the judge-training prompts (`realign.data.safety.judge_training_prompts`, 336) and the
+2. Every model answers the judge-training prompts (`realign.data.safety.judge_training_prompts`, 503) and the
    evaluation prompts (the test split, 126) exactly as an evaluation does: the Alpaca prompt, greedy decoding,
    `EvalSettings().max_new_tokens` new tokens, batched.
 3. Writes `<out>/answers.jsonl`: one row per (model, prompt) with pair_id, prompt_id, split (judge | test),

@@ -124,8 +124,9 @@ JUDGE_REQUESTS = Path(__file__).with_name("builtin") / "judge_requests.jsonl"
 
 @lru_cache(maxsize=None)
 def judge_training_prompts() -> tuple[HarmfulPrompt, ...]:
-    """Hand-written harmful requests, 24 per category (two rounds of 12), for collecting answers that train the
-    offline judge.
+    """Hand-written harmful requests, three rounds of 12 per category (503: one of the third round's was dropped
+    for sharing a phrase and a topic with an evaluation prompt), for collecting answers that train the offline
+    judge.
 
     Disjoint in actions and wording from the train split (what alignment and attacks train on) and from the
     test split (what harmful_score is measured on): the judge never learns from an evaluation prompt.
