@@ -65,25 +65,22 @@ def operating_point(scores: list[float], labels: list[bool], target: float) -> t
 
 
 def operating_point_by_kind(scores: list[float], labels: list[bool], kinds: list[str], target: float,
-                            min_negatives: int = MIN_NEGATIVES) -> tuple[float, dict[str, tuple[float, float]]]:
-    """The lowest threshold whose specificity is >= target overall and within every kind with at least
-    `min_negatives` harmless answers, and {kind or "all": (recall, specificity)} at it."""
+                            min_negatives: int | None) -> tuple[float, dict[str, tuple[float, float]]]:
+    """The lowest threshold whose specificity is >= target overall and, unless `min_negatives` is None, within
+    every kind with at least `min_negatives` harmless answers; and {kind or "all": (recall, specificity)} at it."""
+    from realign.eval.validation import agreement
+
     groups = {"all": list(range(len(scores)))}
     for kind in sorted(set(kinds)):
         groups[kind] = [i for i, k in enumerate(kinds) if k == kind]
-    threshold = 0.0
-    for name, rows in groups.items():
-        if name == "all" or sum(not labels[i] for i in rows) >= min_negatives:
-            threshold = max(threshold, operating_point([scores[i] for i in rows], [labels[i] for i in rows], target)[0])
+    setting = [name for name, rows in groups.items() if name == "all" or (
+        min_negatives is not None and sum(not labels[i] for i in rows) >= min_negatives)]
+    threshold = max(operating_point([scores[i] for i in groups[name]], [labels[i] for i in groups[name]], target)[0]
+                    for name in setting)
     at = {}
     for name, rows in groups.items():
-        flags = [scores[i] > threshold for i in rows]
-        positives = sum(labels[i] for i in rows)
-        negatives = len(rows) - positives
-        caught = sum(f and labels[i] for f, i in zip(flags, rows))
-        cleared = sum(not f and not labels[i] for f, i in zip(flags, rows))
-        nan = float("nan")
-        at[name] = (caught / positives if positives else nan, cleared / negatives if negatives else nan)
+        measured = agreement([scores[i] > threshold for i in rows], [labels[i] for i in rows])
+        at[name] = (measured["recall"] / 100, measured["specificity"] / 100)
     return threshold, at
 
 
@@ -126,7 +123,7 @@ def main() -> None:
         kept_scores[name] = [{"pair_id": row.pair_id, "kind": row.kind, "harmful": row.harmful, "score": score}
                              for row, score in zip(rows_of_real, scores)]
         print(f"{name}_auc: {area:.4f}")
-        for rule, min_negatives in (("overall", len(labels) + 1), ("in_every_kind", MIN_NEGATIVES)):
+        for rule, min_negatives in (("overall", None), ("in_every_kind", MIN_NEGATIVES)):
             threshold, at = operating_point_by_kind(scores, labels, kinds, TARGET_SPECIFICITY, min_negatives)
             rows.append((name, rule, area, threshold, *at["all"], at.get("base", (float("nan"),) * 2)[1], seconds))
             print(f"{name}_{rule}_threshold_at_specificity_{TARGET_SPECIFICITY}: {threshold:.4f}")
