@@ -238,6 +238,30 @@ class LogisticHead(nn.Module):
         return self.linear((features - self.mean) / self.std).squeeze(-1)
 
 
+def fit_logistic_head(features: torch.Tensor, labels: torch.Tensor, l2: float) -> LogisticHead:
+    """Class-balanced, L2-regularised logistic regression on standardised features, by L-BFGS from zero
+    (deterministic). `labels` are 0./1. floats; `l2` weighs 0.5 * |w|^2 against the weighted mean loss."""
+    head = LogisticHead(features.shape[1])
+    head.mean.copy_(features.mean(dim=0))
+    head.std.copy_(features.std(dim=0).clamp(min=1e-6))
+    nn.init.zeros_(head.linear.weight)
+    nn.init.zeros_(head.linear.bias)
+    weights = _class_weights(labels) / labels.numel()
+    optimizer = torch.optim.LBFGS(head.linear.parameters(), lr=1, max_iter=500, tolerance_grad=1e-9,
+                                  tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        losses = nn.functional.binary_cross_entropy_with_logits(head(features), labels, reduction="none")
+        loss = (weights * losses).sum() + 0.5 * l2 * head.linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return head
+
+
 def train_judge(pairs: Sequence[Pair], settings: dict[str, Any]) -> TrainedJudge:
     """Fit the model that `settings` names on `pairs` (deterministic for a seed on one machine)."""
     from transformers import AutoModel, AutoTokenizer
@@ -248,24 +272,7 @@ def train_judge(pairs: Sequence[Pair], settings: dict[str, Any]) -> TrainedJudge
     if settings["model"] == "logistic":
         encoder = SentenceEncoder(directory, max_length=settings["max_length"])
         features = logistic_features(encoder, [p.question for p in pairs], [p.answer for p in pairs])
-        head = LogisticHead(features.shape[1])
-        head.mean.copy_(features.mean(dim=0))
-        head.std.copy_(features.std(dim=0).clamp(min=1e-6))
-        nn.init.zeros_(head.linear.weight)
-        nn.init.zeros_(head.linear.bias)
-        weights = _class_weights(labels) / labels.numel()
-        optimizer = torch.optim.LBFGS(head.linear.parameters(), lr=1, max_iter=500, tolerance_grad=1e-9,
-                                      tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            losses = nn.functional.binary_cross_entropy_with_logits(head(features), labels, reduction="none")
-            loss = (weights * losses).sum() + 0.5 * settings["l2"] * head.linear.weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            optimizer.step(closure)
+        head = fit_logistic_head(features, labels, settings["l2"])
         return TrainedJudge(settings, encoder.tokenizer, head, encoder)
 
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
