@@ -145,8 +145,9 @@ def test_the_judge_trains_on_the_train_split_only(judge):
     assert judge.metadata["train_pairs"] == len(split_rows("train"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 is open: measured on the test split, recall 84.0 % [80.2, 87.2] but "
-                                       "specificity 94.2 % [92.6, 95.5] (goal 95), base-model answers 74.3 % (n = 35)")
+@pytest.mark.xfail(strict=True, reason="issue 15 is blocked: measured on the test split, recall 84.0 % [80.2, 87.2] "
+                                       "but specificity 94.2 % [92.6, 95.5] (goal 95), base-model answers 74.3 % "
+                                       "(n = 35); no offline model here separates them (docs/results.md)")
 def test_the_judge_meets_the_goal_on_the_test_split_overall_and_within_each_kind(judge):
     """recall >= 0.75 at specificity >= 0.95 on answers to the evaluation prompts, which it never saw."""
     by_kind = agreement_by_kind(judge, "test")
