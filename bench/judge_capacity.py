@@ -52,12 +52,12 @@ def smollm2_features(pairs, batch_size: int = 16) -> dict:
     """{"mean": [n, len(LAYERS), 576], "last": …}: frozen SmolLM2 hidden states, bf16, shortest pairs first."""
     import torch
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from realign.models import ensure_smollm2_dir
+    from realign.models import ensure_smollm2_dir, load_tokenizer
 
     directory = str(ensure_smollm2_dir())
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = load_tokenizer(directory)
     tokenizer.padding_side = "right"
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
     prefixes = [tokenizer.apply_chat_template([{"role": "user", "content": p.question}], tokenize=False,
